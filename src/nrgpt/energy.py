@@ -1,0 +1,212 @@
+"""NRGPT's energy and its closed-form gradient: the whole model in one block.
+
+Token A's energy is E_A = E_A^AT + s E_A^FF (eq. 7; s = 1 unless ``ff_scale``), a function of the
+normalised states g = norm(x). One step of inference moves every token down its own energy,
+
+    x_A <- x_A - eta dE_A/dg_A                                                     (eq. 6)
+
+where the derivative is the per-token partial one: the other tokens are held fixed. Because E_A
+only involves tokens B <= A, no token ever sees a later one.
+
+Attention energy (eq. 11), per head h with query map Q_h and key map K_h, scores
+s_AB = beta (Q_h g_A) . (K_h g_B):
+
+    E_A^AT = -sum_h (alpha_h / beta) log sum_{B < A (or <= A)} exp(s_AB)
+    dE_A^AT/dg_A = -sum_h alpha_h [ Q_h^T sum_B p_AB K_h g_B  +  p_AA K_h^T Q_h g_A ]
+
+with p_AB = softmax_B(s_AB). The second term exists only under the inclusive mask (B = A is a
+key as well as the query). 'lowrank': Q_h = W_Q^h, K_h = W_K^h (head size D/H), so
+J_h = W_K^T W_Q and beta = 1/sqrt(D/H), trained alpha_h (the paper). 'full': Q_h = I,
+K_h = H_h (D x D), beta = 1, alpha_h = 1 (the reference code, whose update drops the p_AA term:
+``grad_mode='reference'``).
+
+Feed-forward energies (eq. 14, 24), h = W1 g + b1, sigma = exact GELU:
+
+    ff1   E = -||sigma(h)||^2                      dE/dg = -2 W1^T (sigma(h) * sigma'(h))
+    ff2w  E = -g . (W2 sigma(h) + b2)              dE/dg = -(W2 sigma(h) + b2) - W1^T (sigma'(h) * W2^T g)
+    ff2   E = -||sigma(W2 sigma(h) + b2)||^2       dE/dg = -2 W1^T (sigma'(h) * W2^T (sigma(u) * sigma'(u)))
+          (u = W2 sigma(h) + b2; W1 is D x D, W2 is mD x D)
+    dam   E = -sum F(h), F = ReLU^2 / 2 (eq. 16)   dE/dg = -W1^T ReLU(h)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .layers import InferenceRate, KVCache, Norm, causal_attention
+
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def gelu_and_derivative(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact GELU sigma(h) = h Phi(h) and sigma'(h) = Phi(h) + h phi(h), sharing Phi."""
+    cdf = 0.5 * (1.0 + torch.erf(h * _INV_SQRT_2))
+    pdf = torch.exp(-0.5 * h * h) * _INV_SQRT_2PI
+    return h * cdf, cdf + h * pdf
+
+
+class AttentionEnergy(nn.Module):
+    """E^AT of eq. 11 and its per-token gradient, all heads in one matmul."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.form, self.n_head, self.dim = config.attention, config.n_head, config.n_embd
+        self.strict = config.mask == "strict"
+        self.self_term = config.mask == "inclusive" and config.grad_mode == "exact"
+        self.dropout = config.dropout
+        d = config.n_embd
+        if self.form == "lowrank":
+            self.head_dim = config.head_size
+            self.beta = self.head_dim**-0.5
+            self.query = nn.Parameter(torch.randn(d, d) * 0.02)  # rows: heads' W_Q stacked
+            self.key = nn.Parameter(torch.randn(d, d) * 0.02)  # rows: heads' W_K stacked
+            self.alpha = nn.Parameter(torch.ones(config.n_head))
+        else:
+            self.head_dim, self.beta = d, 1.0
+            self.key = nn.Parameter(torch.randn(config.n_head * d, d) * 0.02)  # H_1; ...; H_H
+
+    def _split(self, y: torch.Tensor) -> torch.Tensor:
+        b, t, _ = y.shape
+        return y.view(b, t, self.n_head, self.head_dim).transpose(1, 2)
+
+    def queries_keys(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_A = Q_h g_A and k_B = K_h g_B, each (B, H, T, head_dim)."""
+        k = self._split(g @ self.key.T)
+        if self.form == "lowrank":
+            return self._split(g @ self.query.T), k
+        return g.unsqueeze(1).expand(-1, self.n_head, -1, -1), k
+
+    def _alpha(self) -> torch.Tensor:
+        return self.alpha.view(1, -1, 1, 1)
+
+    @staticmethod
+    def _project(o: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """sum_h M_h^T o_h for per-head vectors o (B, H, T, d), M_h stacked in ``weight`` (None: M_h = I)."""
+        if weight is None:
+            return o.sum(1)
+        b, _, t, _ = o.shape
+        return o.transpose(1, 2).reshape(b, t, -1) @ weight
+
+    def scores(self, g: torch.Tensor) -> torch.Tensor:
+        """Masked scores s_AB (B, H, T, T), -inf where B is not visible to A."""
+        q, k = self.queries_keys(g)
+        s = (q @ k.transpose(-1, -2)) * self.beta
+        t = g.shape[1]
+        visible = torch.ones(t, t, dtype=torch.bool, device=g.device).tril(-1 if self.strict else 0)
+        return s.masked_fill(~visible, float("-inf"))
+
+    def energy(self, g: torch.Tensor) -> torch.Tensor:
+        """E_A^AT for every token, (B, T). A token with no visible key (strict mask, A = 1) has energy 0."""
+        s = self.scores(g)
+        empty = torch.isinf(s).all(-1, keepdim=True)  # rows with no key: keep log-sum-exp finite
+        lse = torch.logsumexp(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty.squeeze(-1), 0.0)
+        if self.form == "lowrank":
+            lse = lse * self.alpha.view(1, -1, 1)
+        return -lse.sum(1) / self.beta
+
+    def grad(self, g: torch.Tensor, cache: KVCache | None = None, step: int = 0) -> torch.Tensor:
+        """dE_A^AT/dg_A for the new tokens g (B, T, D); with a cache, past tokens' keys come from it."""
+        q, k = self.queries_keys(g)
+        if cache is not None:
+            k, _ = cache.update(step, k)
+        if self.self_term:
+            return self._grad_with_self_term(q, k)
+        o = causal_attention(
+            q, k, k, strict=self.strict, scale=self.beta, dropout=self.dropout if self.training else 0.0
+        )
+        if self.form == "lowrank":
+            return -self._project(o * self._alpha(), self.query)
+        return -self._project(o, None)
+
+    def _grad_with_self_term(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Exact gradient under the inclusive mask: needs p_AA, so the weights are formed explicitly."""
+        tq, tk = q.shape[-2], k.shape[-2]
+        s = (q @ k.transpose(-1, -2)) * self.beta
+        visible = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+        p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
+        if self.training and self.dropout > 0:
+            p = F.dropout(p, self.dropout)
+        o = p @ k
+        p_self = p[..., torch.arange(tq, device=q.device), torch.arange(tk - tq, tk, device=q.device)]
+        qs = q * p_self.unsqueeze(-1)
+        if self.form == "lowrank":
+            a = self._alpha()
+            return -(self._project(o * a, self.query) + self._project(qs * a, self.key))
+        return -(self._project(o, None) + self._project(qs, self.key))
+
+
+class FFEnergy(nn.Module):
+    """The feed-forward energies E^FF (eq. 14, 16, 24), each a sum over tokens of a scalar of g_A."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.kind = config.ff
+        d, m = config.n_embd, config.ff_mult * config.n_embd
+        first = d if self.kind == "ff2" else m
+        self.fc1 = nn.Linear(d, first)
+        if self.kind == "ff2w":
+            self.fc2 = nn.Linear(m, d)
+        elif self.kind == "ff2":
+            self.fc2 = nn.Linear(d, m)
+
+    def energy(self, g: torch.Tensor) -> torch.Tensor:
+        """E_A^FF for every token, (B, T)."""
+        h = self.fc1(g)
+        if self.kind == "ff1":
+            return -F.gelu(h).pow(2).sum(-1)
+        if self.kind == "ff2w":
+            return -(g * self.fc2(F.gelu(h))).sum(-1)
+        if self.kind == "ff2":
+            return -F.gelu(self.fc2(F.gelu(h))).pow(2).sum(-1)
+        return -0.5 * F.relu(h).pow(2).sum(-1)
+
+    def grad(self, g: torch.Tensor) -> torch.Tensor:
+        """dE_A^FF/dg_A in closed form, (B, T, D)."""
+        w1 = self.fc1.weight
+        h = self.fc1(g)
+        if self.kind == "dam":
+            return -(F.relu(h) @ w1)
+        a, da = gelu_and_derivative(h)
+        if self.kind == "ff1":
+            return -2.0 * ((a * da) @ w1)
+        w2 = self.fc2.weight
+        if self.kind == "ff2w":
+            return -(self.fc2(a) + ((g @ w2) * da) @ w1)
+        u, du = gelu_and_derivative(self.fc2(a))
+        return -2.0 * (((((u * du) @ w2) * da)) @ w1)
+
+
+class EnergyBlock(nn.Module):
+    """The shared NRGPT block: g = norm(x), E = E^AT + s E^FF, x <- x - eta^(t) dE/dg (eq. 6-7)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm = Norm(config.norm, config.n_embd)
+        self.attn = AttentionEnergy(config) if config.attention != "none" else None
+        self.ff = FFEnergy(config)
+        self.ff_scale = nn.Parameter(torch.ones(1)) if config.ff_scale else None
+        self.eta = InferenceRate(config, self.norm)
+
+    def _s(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.ff_scale is None else self.ff_scale * t
+
+    def energy(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(E, E^AT, s E^FF), each (B, T): every token's energy at normalised states g (B, T, D)."""
+        e_ff = self._s(self.ff.energy(g))
+        e_att = self.attn.energy(g) if self.attn is not None else torch.zeros_like(e_ff)
+        return e_att + e_ff, e_att, e_ff
+
+    def energy_grad(self, g: torch.Tensor, cache: KVCache | None = None, step: int = 0) -> torch.Tensor:
+        """dE_A/dg_A for every token (B, T, D), in closed form (no autograd)."""
+        grad = self._s(self.ff.grad(g))
+        return grad if self.attn is None else grad + self.attn.grad(g, cache, step)
+
+    def forward(self, x: torch.Tensor, step: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        """One step of energy descent (eq. 6)."""
+        return x - self.eta(self.energy_grad(self.norm(x), cache, step), step)

@@ -1,0 +1,208 @@
+"""Building blocks shared by NRGPT and the GPT baselines.
+
+- ``Norm``: g = norm(x), eq. 17 (LayerNorm, RMSNorm), the reference code's bias-only LayerNorm, or none.
+- ``InferenceRate``: the matrix eta of the update x <- x - eta dE/dg (eq. 6) in its four forms.
+- ``causal_attention``: softmax attention with the strict (B < A) or inclusive (B <= A) causal mask,
+  on ``scaled_dot_product_attention`` so the fused kernels are used where they exist.
+- ``KVCache``: per-step keys (and values) of past tokens, for incremental decoding.
+- ``SelfAttention``, ``MLP``, ``TransformerBlock``: the baselines' nanoGPT-style layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+LN_EPS = 1e-5
+
+
+class Norm(nn.Module):
+    """g = gamma * (x - mu) / sqrt(mean((x - mu)^2) + eps) + delta (eq. 17).
+
+    kind: 'layernorm' (mu = mean, trained gamma and delta), 'rmsnorm' (mu = 0, delta = 0, eq. 25),
+    'bare_layernorm' (LayerNorm with gamma fixed at 1 as a buffer and a trained delta: the reference
+    code), 'none' (g = x). ``gamma`` is diag(Gamma) of Prop. 2.1 (ones where it is not trained).
+    """
+
+    def __init__(self, kind: str, dim: int):
+        super().__init__()
+        self.kind, self.dim = kind, dim
+        if kind in ("layernorm", "rmsnorm"):
+            self.weight = nn.Parameter(torch.ones(dim))
+        else:
+            self.register_buffer("weight", torch.ones(dim), persistent=kind == "bare_layernorm")
+        self.bias = nn.Parameter(torch.zeros(dim)) if kind in ("layernorm", "bare_layernorm") else None
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "none":
+            return x
+        if self.kind == "rmsnorm":
+            return F.rms_norm(x, (self.dim,), self.weight, LN_EPS)
+        return F.layer_norm(x, (self.dim,), self.weight, self.bias, LN_EPS)
+
+
+class InferenceRate(nn.Module):
+    """The inference rate eta of eq. 6, applied to a batch of energy gradients (..., D).
+
+    kind: 'free' a trained D x D matrix (reference code; initialised N(0, 0.02) like its Linear);
+    'descent' eta = c diag(gamma), c = exp(log_c) > 0 (Prop. 2.1); 'psd' eta = U^T U + V - V^T
+    (Prop. 2.2, eq. 19; initialised at U = sqrt(c) I, V = 0); 'identity' eta = I.
+    With ``per_step`` there is one eta per step (eta^(t), leading dimension n_steps); steps beyond
+    the trained number reuse the last one.
+    """
+
+    def __init__(self, config: ModelConfig, gamma_source: Norm):
+        super().__init__()
+        self.kind = config.eta
+        self.gamma_source = [gamma_source]  # a list so the norm is not registered twice
+        d, s = config.n_embd, config.n_steps if config.eta_per_step else 1
+        self.n = s
+        if self.kind == "free":
+            self.weight = nn.Parameter(torch.randn(s, d, d) * 0.02)
+        elif self.kind == "descent":
+            self.log_c = nn.Parameter(torch.full((s,), math.log(config.eta_init)))
+        elif self.kind == "psd":
+            self.U = nn.Parameter(torch.eye(d).repeat(s, 1, 1) * math.sqrt(config.eta_init))
+            self.V = nn.Parameter(torch.zeros(s, d, d))
+
+    def matrix(self, step: int = 0) -> torch.Tensor:
+        """eta^(step) as a D x D matrix (for analysis; ``forward`` never forms it for 'descent')."""
+        d = self.gamma_source[0].dim
+        eye = torch.eye(d, device=self.gamma_source[0].gamma.device)
+        return self(eye, step).T
+
+    def forward(self, grad: torch.Tensor, step: int = 0) -> torch.Tensor:
+        t = min(step, self.n - 1)
+        if self.kind == "free":
+            return grad @ self.weight[t].T
+        if self.kind == "descent":
+            return grad * (self.log_c[t].exp() * self.gamma_source[0].gamma)
+        if self.kind == "psd":
+            u, v = self.U[t], self.V[t]
+            return grad @ (u.T @ u + v - v.T).T
+        return grad
+
+
+class KVCache:
+    """Keys (and values) of past tokens, one slot per application of a block (step or layer).
+
+    Buffers are allocated once with room for ``capacity`` tokens; ``length`` is the number of
+    tokens already stored. A token's keys at a step never change once written, because a token
+    only ever sees earlier tokens (the model is causal).
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.length = 0
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def _append(self, store: dict[int, torch.Tensor], slot: int, new: torch.Tensor) -> torch.Tensor:
+        b, h, t, d = new.shape
+        if slot not in store:
+            store[slot] = new.new_empty(b, h, self.capacity, d)
+        end = self.length + t
+        if end > self.capacity:
+            raise ValueError(f"KV cache is full ({self.capacity} tokens); crop the context")
+        store[slot][:, :, self.length : end] = new
+        return store[slot][:, :, :end]
+
+    def update(self, slot: int, k: torch.Tensor, v: torch.Tensor | None = None):
+        """Store the new tokens' k (and v) for ``slot``; return all keys (and values) so far."""
+        k_all = self._append(self.keys, slot, k)
+        if v is None:
+            return k_all, k_all
+        return k_all, self._append(self.values, slot, v)
+
+    def advance(self, n_tokens: int) -> None:
+        self.length += n_tokens
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strict: bool, scale: float, dropout: float = 0.0
+) -> torch.Tensor:
+    """sum_B softmax_B(scale q_A.k_B) v_B over B < A (strict) or B <= A (inclusive).
+
+    q: (B, H, Tq, d), k and v: (B, H, Tk, d) with Tk >= Tq; the queries are the last Tq tokens of
+    the Tk keys. A row with no key (the first token under the strict mask) gets zeros.
+    """
+    tq, tk = q.shape[-2], k.shape[-2]
+    if tq == 1:  # one new token: it sees every cached key (and itself unless strict)
+        if strict:
+            if tk == 1:
+                return torch.zeros_like(q[..., :1].expand(*q.shape[:-1], v.shape[-1]))
+            k, v = k[..., :-1, :], v[..., :-1, :]
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
+    if tq != tk:
+        raise ValueError("prefill with a non-empty cache is not supported; reset the cache")
+    if not strict:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scale)
+    # strict: token A+1 attends 0..A, i.e. an inclusive causal attention of queries 1.. on keys ..T-1;
+    # the first token has no keys and gets a zero row.
+    out = F.scaled_dot_product_attention(
+        q[..., 1:, :], k[..., :-1, :], v[..., :-1, :], is_causal=True, dropout_p=dropout, scale=scale
+    )
+    return F.pad(out, (0, 0, 1, 0))
+
+
+# ---------------------------------------------------------------------------------------- baselines
+class SelfAttention(nn.Module):
+    """Multi-head causal self-attention (inclusive mask), heads concatenated, output projection."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head, self.dropout = config.n_head, config.dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, slot: int = 0) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            k, v = cache.update(slot, k, v)
+        y = causal_attention(
+            q, k, v, strict=False, scale=(d // self.n_head) ** -0.5,
+            dropout=self.dropout if self.training else 0.0,
+        )
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(b, t, d)))
+
+
+class MLP(nn.Module):
+    """Linear(D, mD) -> ReLU -> Linear(mD, D) -> dropout (the reference baselines' feed-forward)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden = config.ff_mult * config.n_embd
+        self.fc = nn.Linear(config.n_embd, hidden)
+        self.proj = nn.Linear(hidden, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.relu(self.fc(x))))
+
+
+class TransformerBlock(nn.Module):
+    """Sequential x + att(ln1 x), then + ff(ln2 x) (eq. 4); or parallel x + att(ln1 x) + ff(ln2 x) (eq. 5)."""
+
+    def __init__(self, config: ModelConfig, parallel: bool):
+        super().__init__()
+        self.parallel = parallel
+        self.ln1, self.ln2 = nn.LayerNorm(config.n_embd), nn.LayerNorm(config.n_embd)
+        self.attn, self.mlp = SelfAttention(config), MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, slot: int = 0) -> torch.Tensor:
+        a = self.attn(self.ln1(x), cache, slot)
+        if self.parallel:
+            return x + a + self.mlp(self.ln2(x))
+        x = x + a
+        return x + self.mlp(self.ln2(x))

@@ -1,0 +1,163 @@
+"""The models: NRGPT and its GPT baselines, sharing embedding, head, loss and decoding.
+
+A token's path (NRGPT): token + position embedding -> x^(0); n_steps applications of the one
+``EnergyBlock`` (x^(t+1) = x^(t) - eta^(t) dE/dg, eq. 6) -> final LayerNorm -> linear head -> logits.
+The baselines replace the block loop by n_steps distinct transformer blocks ('gpt'), or one
+sequential ('rgpt') or parallel ('rgpt_parallel', eq. 5) block applied n_steps times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .energy import EnergyBlock
+from .layers import KVCache, TransformerBlock
+
+
+class LanguageModel(nn.Module):
+    """Embedding, final norm, head and loss shared by every model; subclasses define ``body``."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
+
+    def _init_weights(self) -> None:
+        """Linear and Embedding weights N(0, 0.02), biases 0 (the reference code's initialisation)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        t = idx.shape[1]
+        if start + t > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start + t} tokens is longer than the model's block_size "
+                f"{self.config.block_size}; crop it to the last {self.config.block_size} tokens"
+            )
+        pos = torch.arange(start, start + t, device=idx.device)
+        return self.tok_emb(idx) + self.pos_emb(pos)
+
+    def body(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits (B, T, vocab) and the mean cross-entropy against ``targets`` (ignore_index -1)."""
+        logits = self.lm_head(self.ln_f(self.body(self.embed(idx))))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits of the last position for new tokens ``idx`` appended to the cached context."""
+        x = self.body(self.embed(idx, cache.length), cache)
+        cache.advance(idx.shape[1])
+        return self.lm_head(self.ln_f(x[:, -1]))
+
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        greedy: bool = False,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Continue ``idx`` (B, T) by ``max_new_tokens``; see ``nrgpt.generate.generate``."""
+        from .generate import generate
+
+        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        greedy=greedy, use_cache=use_cache, generator=generator)
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Trained parameters: the count the paper reports (embeddings and head included)."""
+        n = sum(p.numel() for p in self.parameters())
+        if not include_embeddings:
+            n -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
+        return n
+
+
+@dataclass
+class Trajectory:
+    """Inference dynamics of NRGPT: states and every token's energy after each step.
+
+    states (S+1, B, T, D) are x^(0..S); energy, attn_energy, ff_energy and grad_norm (S+1, B, T)
+    are E_A, E_A^AT, s E_A^FF and ||dE_A/dg_A|| evaluated at g^(t) = norm(x^(t)); logits (B, T, V)
+    are read from x^(S).
+    """
+
+    states: torch.Tensor
+    energy: torch.Tensor
+    attn_energy: torch.Tensor
+    ff_energy: torch.Tensor
+    grad_norm: torch.Tensor
+    logits: torch.Tensor
+
+
+class NRGPT(LanguageModel):
+    """eNeRgy-GPT: one ``EnergyBlock`` applied n_steps times (section 2)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.block = EnergyBlock(config)
+        self._init_weights()
+
+    def body(self, x: torch.Tensor, cache: KVCache | None = None, n_steps: int | None = None) -> torch.Tensor:
+        for t in range(self.config.n_steps if n_steps is None else n_steps):
+            x = self.block(x, t, cache)
+        return x
+
+    @torch.no_grad()
+    def energy_trajectory(self, idx: torch.Tensor, n_steps: int | None = None) -> Trajectory:
+        """Run ``n_steps`` (default: the trained number; may be larger) steps and record everything."""
+        steps = self.config.n_steps if n_steps is None else n_steps
+        x = self.embed(idx)
+        states, parts, norms = [x], [], []
+        for t in range(steps + 1):
+            g = self.block.norm(x)
+            parts.append(self.block.energy(g))
+            norms.append(self.block.energy_grad(g).norm(dim=-1))
+            if t < steps:
+                x = self.block(x, t)
+                states.append(x)
+        energy, attn, ff = (torch.stack(p) for p in zip(*parts))
+        logits = self.lm_head(self.ln_f(x))
+        return Trajectory(torch.stack(states), energy, attn, ff, torch.stack(norms), logits)
+
+
+class GPT(LanguageModel):
+    """The baselines: 'gpt' (n_steps distinct sequential blocks, nanoGPT), 'rgpt' (one sequential
+    block applied n_steps times) and 'rgpt_parallel' (one GPT-J parallel block applied n_steps times)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        parallel = config.model == "rgpt_parallel"
+        n_blocks = config.n_steps if config.model == "gpt" else 1
+        self.blocks = nn.ModuleList(TransformerBlock(config, parallel) for _ in range(n_blocks))
+        self._init_weights()
+
+    def body(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        for t in range(self.config.n_steps):
+            x = self.blocks[t % len(self.blocks)](x, cache, t)
+        return x
+
+
+def build_model(config: ModelConfig) -> LanguageModel:
+    """The model named by ``config.model``, freshly initialised."""
+    return NRGPT(config) if config.is_energy_model else GPT(config)
