@@ -107,3 +107,18 @@ def test_ff_energies_by_hand():
     gelu = lambda z: z * 0.5 * (1 + torch.erf(torch.tensor(z) / 2**0.5))  # noqa: E731
     expected = -(1.0 * (2 * gelu(1.0) + 1) + (-1.0) * (3 * gelu(-1.0) - 1))
     torch.testing.assert_close(block.energy(g)[0][0, 0], expected.double())
+
+
+@pytest.mark.parametrize("attention", ["lowrank", "full"])
+@pytest.mark.parametrize("mask,grad_mode", [("strict", "exact"), ("inclusive", "reference"), ("strict", "reference")])
+@pytest.mark.parametrize("ff", FF_ENERGIES)
+def test_autograd_path_equals_closed_form(attention, mask, grad_mode, ff):
+    block = make_block(attention=attention, mask=mask, ff=ff, norm="bare_layernorm", grad_mode=grad_mode)
+    g = random_g(block)
+    torch.testing.assert_close(block.energy_grad_autograd(g), block.energy_grad(g), rtol=1e-10, atol=1e-12)
+
+
+def test_autograd_path_refuses_the_exact_inclusive_gradient():
+    block = make_block(attention="full", mask="inclusive", grad_mode="exact")
+    with pytest.raises(ValueError, match="self term"):
+        block.energy_grad_autograd(random_g(block))

@@ -93,17 +93,21 @@ class AttentionEnergy(nn.Module):
         b, _, t, _ = o.shape
         return o.transpose(1, 2).reshape(b, t, -1) @ weight
 
-    def scores(self, g: torch.Tensor) -> torch.Tensor:
-        """Masked scores s_AB (B, H, T, T), -inf where B is not visible to A."""
+    def scores(self, g: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Masked scores s_AB (B, H, T, T), -inf where B is not visible to A. Queries come from g,
+        keys from ``context`` (default g)."""
         q, k = self.queries_keys(g)
+        if context is not None:
+            k = self.queries_keys(context)[1]
         s = (q @ k.transpose(-1, -2)) * self.beta
         t = g.shape[1]
         visible = torch.ones(t, t, dtype=torch.bool, device=g.device).tril(-1 if self.strict else 0)
         return s.masked_fill(~visible, float("-inf"))
 
-    def energy(self, g: torch.Tensor) -> torch.Tensor:
-        """E_A^AT for every token, (B, T). A token with no visible key (strict mask, A = 1) has energy 0."""
-        s = self.scores(g)
+    def energy(self, g: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """E_A^AT for every token, (B, T), queries from g and keys from ``context`` (default g).
+        A token with no visible key (strict mask, A = 1) has energy 0."""
+        s = self.scores(g, context)
         empty = torch.isinf(s).all(-1, keepdim=True)  # rows with no key: keep log-sum-exp finite
         lse = torch.logsumexp(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty.squeeze(-1), 0.0)
         if self.form == "lowrank":
@@ -196,11 +200,29 @@ class EnergyBlock(nn.Module):
     def _s(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.ff_scale is None else self.ff_scale * t
 
-    def energy(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(E, E^AT, s E^FF), each (B, T): every token's energy at normalised states g (B, T, D)."""
+    def energy(
+        self, g: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(E, E^AT, s E^FF), each (B, T): every token's energy at normalised states g (B, T, D).
+
+        ``context`` (default g) supplies the attention keys: E_A(g_A; context_B for B != A).
+        """
         e_ff = self._s(self.ff.energy(g))
-        e_att = self.attn.energy(g) if self.attn is not None else torch.zeros_like(e_ff)
+        e_att = self.attn.energy(g, context) if self.attn is not None else torch.zeros_like(e_ff)
         return e_att + e_ff, e_att, e_ff
+
+    def energy_grad_autograd(self, g: torch.Tensor) -> torch.Tensor:
+        """dE_A/dg_A by autograd of the energy, as a straightforward implementation computes it:
+        the keys are detached, so only the query side of each token is differentiated. This equals
+        ``energy_grad`` wherever the update has no key-side self term (strict mask, or
+        grad_mode='reference'); it is kept as a cross-check and as the benchmarks' baseline."""
+        if self.attn is not None and self.attn.self_term:
+            raise ValueError("energy_grad_autograd has no key-side self term; use energy_grad for "
+                             "mask='inclusive' with grad_mode='exact'")
+        with torch.enable_grad():
+            q = g if g.requires_grad else g.detach().requires_grad_(True)
+            e = self.energy(q, context=g.detach())[0].sum()
+            return torch.autograd.grad(e, q, create_graph=torch.is_grad_enabled() and g.requires_grad)[0]
 
     def energy_grad(self, g: torch.Tensor, cache: KVCache | None = None, step: int = 0) -> torch.Tensor:
         """dE_A/dg_A for every token (B, T, D), in closed form (no autograd)."""
