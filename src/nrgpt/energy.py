@@ -31,8 +31,6 @@ Feed-forward energies (eq. 14, 24), h = W1 g + b1, sigma = exact GELU:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -40,15 +38,11 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .layers import InferenceRate, KVCache, Norm, causal_attention
 
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
-
-def gelu_and_derivative(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact GELU sigma(h) = h Phi(h) and sigma'(h) = Phi(h) + h phi(h), sharing Phi."""
-    cdf = 0.5 * (1.0 + torch.erf(h * _INV_SQRT_2))
-    pdf = torch.exp(-0.5 * h * h) * _INV_SQRT_2PI
-    return h * cdf, cdf + h * pdf
+def gelu_grad(v: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """v * sigma'(h) for the exact GELU, sigma'(h) = Phi(h) + h phi(h), as one fused kernel (the
+    GELU backward); autograd differentiates it in closed form too (gelu_double_backward)."""
+    return torch.ops.aten.gelu_backward(v, h)
 
 
 class AttentionEnergy(nn.Module):
@@ -176,14 +170,12 @@ class FFEnergy(nn.Module):
         h = self.fc1(g)
         if self.kind == "dam":
             return -(F.relu(h) @ w1)
-        a, da = gelu_and_derivative(h)
         if self.kind == "ff1":
-            return -2.0 * ((a * da) @ w1)
-        w2 = self.fc2.weight
+            return -2.0 * (gelu_grad(F.gelu(h), h) @ w1)
         if self.kind == "ff2w":
-            return -(self.fc2(a) + ((g @ w2) * da) @ w1)
-        u, du = gelu_and_derivative(self.fc2(a))
-        return -2.0 * (((((u * du) @ w2) * da)) @ w1)
+            return -(self.fc2(F.gelu(h)) + gelu_grad(g @ self.fc2.weight, h) @ w1)
+        u = self.fc2(F.gelu(h))
+        return -2.0 * (gelu_grad(gelu_grad(F.gelu(u), u) @ self.fc2.weight, h) @ w1)
 
 
 class EnergyBlock(nn.Module):
@@ -213,16 +205,19 @@ class EnergyBlock(nn.Module):
 
     def energy_grad_autograd(self, g: torch.Tensor) -> torch.Tensor:
         """dE_A/dg_A by autograd of the energy, as a straightforward implementation computes it:
-        the keys are detached, so only the query side of each token is differentiated. This equals
+        only the query side of each token is differentiated (the keys stay in the graph for training). This equals
         ``energy_grad`` wherever the update has no key-side self term (strict mask, or
         grad_mode='reference'); it is kept as a cross-check and as the benchmarks' baseline."""
         if self.attn is not None and self.attn.self_term:
             raise ValueError("energy_grad_autograd has no key-side self term; use energy_grad for "
                              "mask='inclusive' with grad_mode='exact'")
+        create_graph = torch.is_grad_enabled() and g.requires_grad  # training: keep the graph
         with torch.enable_grad():
-            q = g if g.requires_grad else g.detach().requires_grad_(True)
-            e = self.energy(q, context=g.detach())[0].sum()
-            return torch.autograd.grad(e, q, create_graph=torch.is_grad_enabled() and g.requires_grad)[0]
+            if not g.requires_grad:
+                g = g.detach().requires_grad_(True)
+            q = g.view_as(g)  # its own node: only the query side of every token flows through it
+            e = self.energy(q, context=g)[0].sum()
+            return torch.autograd.grad(e, q, create_graph=create_graph)[0]
 
     def energy_grad(self, g: torch.Tensor, cache: KVCache | None = None, step: int = 0) -> torch.Tensor:
         """dE_A/dg_A for every token (B, T, D), in closed form (no autograd)."""
