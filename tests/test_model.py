@@ -136,3 +136,27 @@ def test_sequence_longer_than_block_is_an_error():
     model = random_model(MODELS[0])
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, SMALL["block_size"] + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("preset", ["NRGPT_H_FF2W", "NRGPT_P_FF1", "GPT", "GPT_Rec_parallel"])
+def test_activation_checkpointing_gives_identical_gradients(preset):
+    cfg = ModelConfig.preset(preset, **SMALL)
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.block_size))
+    grads, reference = [], random_model(cfg)
+    for ckpt in (False, True):
+        model = build_model(cfg.replace(checkpoint_steps=ckpt))
+        model.load_state_dict(reference.state_dict())
+        model(idx, targets=idx)[1].backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("preset,mask", [("NRGPT_H_FF2W", "inclusive"), ("NRGPT_P_FF2W", "strict")])
+def test_no_graph_breaks_for_torch_compile(preset, mask):
+    import torch._dynamo as dynamo
+
+    model = random_model(ModelConfig.preset(preset, **SMALL, mask=mask)).train()
+    idx = torch.randint(0, SMALL["vocab_size"], (2, SMALL["block_size"]))
+    explained = dynamo.explain(model)(idx, idx)
+    assert explained.graph_break_count == 0, explained.break_reasons

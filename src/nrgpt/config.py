@@ -34,6 +34,9 @@ class ModelConfig:
                    GPT-J parallel block, eq. 5, applied n_steps times).
       n_steps      recurrent steps (the paper's and reference code's ``n_layer``); layers for 'gpt'.
       ff_mult      hidden width of the feed-forward part as a multiple of n_embd.
+      checkpoint_steps  recompute each step's activations in the backward pass instead of storing
+                   them (activation checkpointing over steps): less memory for long contexts, about
+                   one more forward of compute, identical results.
 
     NRGPT only (ignored by the baselines):
       attention    'lowrank': J_h = W_K^T W_Q with head size n_embd/n_head, beta = 1/sqrt(head size)
@@ -74,6 +77,7 @@ class ModelConfig:
     eta_init: float = 1.0
     ff_scale: bool = True
     grad_mode: str = "reference"
+    checkpoint_steps: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -101,7 +105,7 @@ class ModelConfig:
         choice("grad_mode", GRAD_MODES)
         for name in ("vocab_size", "block_size", "n_embd", "n_head", "n_steps", "ff_mult"):
             positive_int(name)
-        for name in ("eta_per_step", "ff_scale"):
+        for name in ("eta_per_step", "ff_scale", "checkpoint_steps"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"model.{name} = {getattr(self, name)!r} must be true or false")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:

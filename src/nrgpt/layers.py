@@ -200,7 +200,7 @@ class TransformerBlock(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(config.n_embd), nn.LayerNorm(config.n_embd)
         self.attn, self.mlp = SelfAttention(config), MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, slot: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, slot: int = 0, cache: KVCache | None = None) -> torch.Tensor:
         a = self.attn(self.ln1(x), cache, slot)
         if self.parallel:
             return x + a + self.mlp(self.ln2(x))

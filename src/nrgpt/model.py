@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .energy import EnergyBlock
@@ -50,6 +51,12 @@ class LanguageModel(nn.Module):
 
     def body(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def _apply_step(self, block: nn.Module, x: torch.Tensor, t: int, cache: KVCache | None) -> torch.Tensor:
+        """block(x, t, cache), recomputed in the backward pass when ``checkpoint_steps`` is set."""
+        if self.config.checkpoint_steps and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, t, cache, use_reentrant=False)
+        return block(x, t, cache)
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
@@ -120,7 +127,7 @@ class NRGPT(LanguageModel):
 
     def body(self, x: torch.Tensor, cache: KVCache | None = None, n_steps: int | None = None) -> torch.Tensor:
         for t in range(self.config.n_steps if n_steps is None else n_steps):
-            x = self.block(x, t, cache)
+            x = self._apply_step(self.block, x, t, cache)
         return x
 
     @torch.no_grad()
@@ -154,7 +161,7 @@ class GPT(LanguageModel):
 
     def body(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         for t in range(self.config.n_steps):
-            x = self.blocks[t % len(self.blocks)](x, cache, t)
+            x = self._apply_step(self.blocks[t % len(self.blocks)], x, t, cache)
         return x
 
 
