@@ -109,27 +109,30 @@ class AttentionEnergy(nn.Module):
         return -lse.sum(1) / self.beta
 
     def grad(self, g: torch.Tensor, cache: KVCache | None = None, step: int = 0) -> torch.Tensor:
-        """dE_A^AT/dg_A for the new tokens g (B, T, D); with a cache, past tokens' keys come from it."""
+        """dE_A^AT/dg_A for the new tokens g (B, T, D); with a cache, past tokens' keys come from it.
+
+        In training, dropout (rate ``config.dropout``) is applied to the attention weights and to the
+        result, as the reference code does; in eval mode this is the exact gradient.
+        """
         q, k = self.queries_keys(g)
         if cache is not None:
             k, _ = cache.update(step, k)
+        p = self.dropout if self.training else 0.0
         if self.self_term:
-            return self._grad_with_self_term(q, k)
-        o = causal_attention(
-            q, k, k, strict=self.strict, scale=self.beta, dropout=self.dropout if self.training else 0.0
-        )
-        if self.form == "lowrank":
-            return -self._project(o * self._alpha(), self.query)
-        return -self._project(o, None)
+            grad = self._grad_with_self_term(q, k, p)
+        else:
+            o = causal_attention(q, k, k, strict=self.strict, scale=self.beta, dropout=p)
+            grad = -self._project(o * self._alpha(), self.query) if self.form == "lowrank" else -self._project(o, None)
+        return F.dropout(grad, p) if p > 0 else grad
 
-    def _grad_with_self_term(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def _grad_with_self_term(self, q: torch.Tensor, k: torch.Tensor, dropout: float) -> torch.Tensor:
         """Exact gradient under the inclusive mask: needs p_AA, so the weights are formed explicitly."""
         tq, tk = q.shape[-2], k.shape[-2]
         s = (q @ k.transpose(-1, -2)) * self.beta
         visible = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
         p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
-        if self.training and self.dropout > 0:
-            p = F.dropout(p, self.dropout)
+        if dropout > 0:
+            p = F.dropout(p, dropout)
         o = p @ k
         p_self = p[..., torch.arange(tq, device=q.device), torch.arange(tk - tq, tk, device=q.device)]
         qs = q * p_self.unsqueeze(-1)
