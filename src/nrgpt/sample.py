@@ -1,0 +1,110 @@
+"""``nrgpt sample``: text from a trained run, through its dataset's tokenizer.
+
+    nrgpt sample runs/quickstart --prompt "ROMEO:" --num-samples 3 --max-new-tokens 300 --temperature 0.8
+
+A prompt longer than the model's block is cropped to its last ``block_size`` tokens (with a notice);
+characters or tokens outside the vocabulary are an error naming them. Sampling is seeded, so the same
+command prints the same text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_model
+from .config import ConfigError
+from .data import Tokenizer, load_tokenizer
+from .model import LanguageModel
+from .runconfig import DEVICES
+from .train import pick_device
+
+
+def _note(message: str) -> None:
+    print(f"nrgpt: note: {message}", file=sys.stderr)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, greedy: bool,
+                   num_samples: int, max_new_tokens: int) -> None:
+    """ConfigError naming the first impossible sampling option."""
+    if not greedy and not temperature > 0:
+        raise ConfigError(f"--temperature = {temperature} must be > 0 (or use --greedy)")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"--top-k = {top_k} must be >= 1")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"--top-p = {top_p} must be in (0, 1]")
+    if num_samples < 1 or max_new_tokens < 0:
+        raise ConfigError(f"--num-samples = {num_samples} must be >= 1 and --max-new-tokens = {max_new_tokens} >= 0")
+
+
+def generate_text(model: LanguageModel, tokenizer: Tokenizer, prompt: str = "", *, num_samples: int = 1,
+                  max_new_tokens: int = 200, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, greedy: bool = False, seed: int = 0,
+                  notice: Callable[[str], None] = _note) -> list[str]:
+    """``num_samples`` continuations of ``prompt`` (each returned with its prompt, cropped to the block).
+
+    An empty prompt starts from the end-of-sequence token (token 0 if the vocabulary has none), which is
+    then not part of the text. DataError if the prompt holds symbols outside the vocabulary.
+    """
+    check_sampling(temperature, top_k, top_p, greedy, num_samples, max_new_tokens)
+    ids = tokenizer.encode(prompt) if prompt else []
+    block = model.config.block_size
+    if len(ids) > block:
+        notice(f"the prompt has {len(ids)} tokens, more than the model's block_size {block}; "
+              f"using its last {block} tokens")
+        ids = ids[-block:]
+    start = ids or [tokenizer.eos_id if tokenizer.eos_id is not None else 0]
+    device = next(model.parameters()).device
+    idx = torch.tensor([start] * num_samples, dtype=torch.long, device=device)
+    generator = torch.Generator(device).manual_seed(seed)
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                         generator=generator)
+    keep = len(start) - len(ids)
+    return [tokenizer.decode(row[keep:].tolist()) for row in out]
+
+
+def _prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file is None:
+        return args.prompt
+    try:
+        return Path(args.prompt_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--prompt-file {args.prompt_file} cannot be read: {e}") from None
+
+
+def main(args: argparse.Namespace) -> int:
+    model, config = load_model(args.run, device=pick_device(args.device), which=args.checkpoint)
+    tokenizer = load_tokenizer(args.data_dir or config.data.dir)
+    texts = generate_text(model, tokenizer, _prompt(args), num_samples=args.num_samples,
+                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, greedy=args.greedy, seed=args.seed)
+    for i, text in enumerate(texts):
+        if i:
+            print("-" * 40)
+        print(text)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("sample", help="generate text from a trained run",
+                              description="Generate text from a run directory or checkpoint directory.")
+    p.add_argument("run", help="run directory (uses its best checkpoint) or checkpoint directory")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="", help="text to continue (default: start from nothing)")
+    prompt.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    p.add_argument("-n", "--num-samples", type=int, default=1)
+    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="which checkpoint of a run directory (default: best)")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--data-dir", help="the dataset (for its tokenizer), if not the run's data.dir")
+    p.set_defaults(func=main)

@@ -1,0 +1,536 @@
+"""Training: nanoGPT's loop for NRGPT and its baselines, from a laptop CPU to ``torchrun`` on GPUs.
+
+One optimizer step (``Trainer.step``) draws ``grad_accum`` micro-batches, accumulates gradients (DDP
+synchronises them on the last micro-step only), clips the global norm and applies AdamW with decay on
+the matrices and embeddings only; the learning rate follows a linear warmup then a cosine, exponential
+or constant schedule (``lr_at``). The loop touches host values only at log steps (``log.interval``):
+the loss, a non-finite flag and, under DDP, the stop flags are gathered there in one reduction.
+
+Every ``eval_interval`` steps and at the end the model is evaluated on fixed batches of both splits
+(drawn once, from a constant seed, so every run on the same data and shapes sees the same ones), and
+the run directory gets ``last`` (resumable) and, on a new best validation loss, ``best`` checkpoints
+(``nrgpt.checkpoint``). A resumed run restores weights, optimizer, iteration, the data generator and
+every rank's RNG, so on a CPU it continues bitwise as if never interrupted. A non-finite loss or
+gradient stops the run with ``DivergenceError`` before anything is saved, so ``last`` stays good.
+
+Run directory: ``config.json`` (the resolved config), ``metrics.jsonl`` and ``metrics.csv`` (one
+record per log step: iter, loss, lr, tokens_per_s, elapsed; one per evaluation: iter, lr, elapsed,
+train_loss, val_loss), ``last/``, ``best/``, ``result.json`` (the value ``train`` returns, with its
+status) and ``tensorboard/`` when asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import shutil
+import signal
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint, distributed
+from .config import ConfigError, ModelConfig
+from .data import TokenStream, load_meta
+from .model import LanguageModel, build_model
+from .reference import CheckpointError
+from .runconfig import RunConfig, TrainConfig, add_arguments, resolve_config
+
+EVAL_SEED = 0
+RUN_FILES = ("config.json", "metrics.jsonl", "metrics.csv", "result.json", "tensorboard")
+
+
+class DivergenceError(RuntimeError):
+    """The loss or the gradient became non-finite; the message names the step and the last good checkpoint."""
+
+
+# ------------------------------------------------------------------------------------------- pieces
+
+
+def lr_at(it: int, tc: TrainConfig) -> float:
+    """Learning rate of step ``it``: linear warmup to ``lr``, then the schedule down to ``min_lr`` at max_iters."""
+    if it < tc.warmup_iters:
+        return tc.lr * (it + 1) / (tc.warmup_iters + 1)
+    if tc.schedule == "constant":
+        return tc.lr
+    progress = min(1.0, (it - tc.warmup_iters) / max(1, tc.max_iters - tc.warmup_iters))
+    if tc.schedule == "exponential":
+        return tc.lr * (tc.min_lr / tc.lr) ** progress
+    return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on parameters of >= 2 dimensions (matrices, embeddings) and none on the
+    others (biases, norms, scalars such as alpha, ff_scale, log_c); fused kernels on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, betas=(tc.beta1, tc.beta2),
+                             fused=device.type == "cuda" or None)
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """``system.device`` as a torch device ('auto': cuda, then mps, then cpu); ConfigError if unavailable."""
+    has_mps = torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("system.device = 'cuda' but CUDA is not available here; use --device cpu or auto")
+    if name == "mps" and not has_mps:
+        raise ConfigError("system.device = 'mps' but MPS is not available here; use --device cpu or auto")
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``system.dtype`` (None: plain float32); 'auto' is bfloat16 on a GPU that has it."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if name == "bfloat16" else None
+
+
+def check_run(config: RunConfig) -> tuple[ModelConfig, dict[str, Any]]:
+    """The model config (vocab_size from the data unless set) and the dataset's meta, after checking that
+    they fit together; ConfigError or DataError with one line otherwise. Cheap: reads meta.json only."""
+    meta = load_meta(config.data.dir)
+    mc = config.model_config(meta["vocab_size"])
+    if mc.vocab_size < meta["vocab_size"]:
+        raise ConfigError(f"model.vocab_size = {mc.vocab_size} is smaller than the vocabulary of {config.data.dir} "
+                          f"({meta['vocab_size']} tokens); leave it unset to take the data's")
+    for split in ("train", "val"):
+        n = meta[f"{split}_tokens"]
+        if mc.block_size + 1 > n:
+            raise ConfigError(f"model.block_size = {mc.block_size} is larger than the data: the {split} split of "
+                              f"{config.data.dir} has {n} tokens (needs block_size + 1); use block_size <= {n - 1}")
+    return mc, meta
+
+
+class MetricsLog:
+    """metrics.jsonl and metrics.csv in the run directory, plus TensorBoard and W&B when enabled."""
+
+    COLUMNS = ("iter", "loss", "lr", "tokens_per_s", "elapsed", "train_loss", "val_loss")
+
+    def __init__(self, run_dir: Path, config: RunConfig, keep_before: int | None):
+        """Start the logs; a resumed run (``keep_before`` = its start step) keeps the records of steps before
+        it and its evaluation there, and drops the rest (written after the checkpoint it resumes from)."""
+        self.jsonl, self.csv = run_dir / "metrics.jsonl", run_dir / "metrics.csv"
+        records = []
+        if keep_before is not None and self.jsonl.is_file():
+            for line in self.jsonl.read_text(encoding="utf-8").splitlines():
+                r = json.loads(line)
+                if r["iter"] < keep_before or (r["iter"] == keep_before and "val_loss" in r):
+                    records.append(r)
+        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        with open(self.csv, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, self.COLUMNS)
+            writer.writeheader()
+            writer.writerows(records)
+        self.tb = self.wandb = None
+        if config.log.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        if config.log.wandb:
+            import wandb
+
+            self.wandb = wandb.init(project=config.log.wandb_project, name=run_dir.name, config=config.to_dict(),
+                                    dir=str(run_dir))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.jsonl, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        with open(self.csv, "a", newline="", encoding="utf-8") as f:
+            csv.DictWriter(f, self.COLUMNS).writerow(record)
+        scalars = {k: v for k, v in record.items() if k != "iter"}
+        if self.tb is not None:
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, record["iter"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["iter"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _require_optional(config: RunConfig) -> None:
+    for flag, module, extra in (("tensorboard", "torch.utils.tensorboard", "tensorboard"), ("wandb", "wandb", "wandb")):
+        if getattr(config.log, flag):
+            try:
+                __import__(module)
+            except ImportError:
+                raise ConfigError(f"log.{flag} = true needs the {extra} package: pip install 'nrgpt[{extra}]' "
+                                  f"(or drop --{flag})") from None
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM ask the loop to stop at the next check (it then checkpoints); a second SIGINT
+    interrupts at once. Installed only in the main thread."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ------------------------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """One run: set up in ``__init__`` (all checks first), then ``run``. See the module docstring."""
+
+    def __init__(self, config: RunConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False):
+        self.config, tc = config, config.train
+        self.dist = distributed.from_env()
+        self.main = self.dist.is_main
+        self.quiet = quiet or not self.main
+        model_config, self.meta = check_run(config)
+        self.device = pick_device(config.system.device, self.dist.local_rank)
+        self.amp_dtype = autocast_dtype(config.system.dtype, self.device)
+        _require_optional(config)
+        self.run_dir = Path(config.out_dir)
+        resume_from = self._resume_checkpoint() if resume else None
+        if not resume and (checkpoint.find(self.run_dir / "last") or checkpoint.find(self.run_dir / "best")):
+            if not overwrite:
+                raise ConfigError(f"out_dir = {str(self.run_dir)!r} already holds a run; continue it with --resume "
+                                  "or start over with --overwrite")
+            if self.main:
+                for name in ("last", "best", *RUN_FILES):
+                    for path in self.run_dir.glob(f"{name}*"):
+                        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        # The config as run: the model section fully resolved (vocab_size from the data included).
+        self.config = config = RunConfig.from_dict({**config.to_dict(), "model": {
+            "preset": config.model["preset"], **model_config.to_dict()}})
+
+        distributed.setup(self.dist, self.device)
+        if config.system.threads:
+            torch.set_num_threads(config.system.threads)
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")
+        torch.manual_seed(tc.seed + self.dist.rank)
+        self.raw_model: LanguageModel = build_model(model_config).to(self.device)
+        self.optimizer = make_optimizer(self.raw_model, tc, self.device)
+        self.train_stream = TokenStream(config.data.dir, "train")
+        self.data_gen = torch.Generator().manual_seed(tc.seed)
+        self.eval_batches = self._draw_eval_batches(model_config.block_size)
+        self.start_iter, self.best_val, self.elapsed0 = 0, math.inf, 0.0
+        self.losses: dict[str, float] = {}  # of the last evaluation
+        if resume_from is not None:
+            self._restore(resume_from)
+        self.module = torch.compile(self.raw_model) if config.system.compile else self.raw_model
+        self.model = self.module
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.module, device_ids=ids,
+                                                                   broadcast_buffers=False)
+        self.tokens_per_step = tc.batch_size * tc.grad_accum * self.dist.world_size * model_config.block_size
+        self.bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.last_loss = torch.zeros((), device=self.device)
+        self.log = None
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            config.save(self.run_dir / "config.json")
+            self.log = MetricsLog(self.run_dir, config, self.start_iter if resume_from else None)
+
+    # ------------------------------------------------------------------ setup helpers
+    def _resume_checkpoint(self) -> Path:
+        ckpt = checkpoint.find(self.run_dir / "last")
+        if ckpt is None:
+            raise CheckpointError(f"nothing to resume in {self.run_dir}: it has no 'last' checkpoint; start the "
+                                  "run without --resume")
+        return ckpt
+
+    def _restore(self, ckpt: Path) -> None:
+        state = checkpoint.load_state(ckpt)
+        try:
+            self.raw_model.load_state_dict(checkpoint.load_weights(ckpt))
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{ckpt} does not match this run's model or optimizer: "
+                                  f"{str(e).splitlines()[0]}") from None
+        self.start_iter, self.elapsed0 = state["iter"], state["elapsed"]
+        self.best_val = state["best_val_loss"]
+        info = checkpoint.read_info(ckpt)
+        self.losses = {k: info[k] for k in ("train_loss", "val_loss")}
+        self.data_gen.set_state(state["data_rng"])
+        if len(state["torch_rng"]) == self.dist.world_size:
+            torch.set_rng_state(state["torch_rng"][self.dist.rank])
+            if self.device.type == "cuda" and state["cuda_rng"]:
+                torch.cuda.set_rng_state(state["cuda_rng"][self.dist.rank], self.device)
+        else:
+            warnings.warn(f"{ckpt} was written by {len(state['torch_rng'])} processes, this run has "
+                          f"{self.dist.world_size}: dropout noise will differ from an uninterrupted run", stacklevel=2)
+            torch.manual_seed(self.config.train.seed + self.dist.rank + state["iter"])
+
+    def _draw_eval_batches(self, block_size: int) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        tc = self.config.train
+        batches = {}
+        for split in ("train", "val"):
+            stream = self.train_stream if split == "train" else TokenStream(self.config.data.dir, "val")
+            gen = torch.Generator().manual_seed(EVAL_SEED)
+            batches[split] = [stream.get_batch(tc.batch_size, block_size, gen) for _ in range(tc.eval_iters)]
+        return batches
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # ------------------------------------------------------------------ training
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of the next global batch (batch_size x world_size rows from the shared generator)."""
+        b, r = self.config.train.batch_size, self.dist.rank
+        x, y = self.train_stream.get_batch(b * self.dist.world_size, self.raw_model.config.block_size, self.data_gen)
+        return self._to_device(x[r * b:(r + 1) * b]), self._to_device(y[r * b:(r + 1) * b])
+
+    def step(self, it: int) -> None:
+        """One optimizer step (no host synchronisation): loss kept in ``last_loss``, non-finite flag in ``bad``."""
+        tc = self.config.train
+        lr = lr_at(it, tc)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for micro in range(tc.grad_accum):
+            defer_sync = self.dist.enabled and micro < tc.grad_accum - 1
+            with self.model.no_sync() if defer_sync else contextlib.nullcontext():
+                x, y = self.batch()
+                with self._autocast():
+                    _, loss = self.model(x, y)
+                (loss / tc.grad_accum).backward()
+            total += loss.detach().float()
+        total /= tc.grad_accum
+        self.bad |= ~torch.isfinite(total)
+        if tc.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), tc.grad_clip)
+            self.bad |= ~torch.isfinite(norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.last_loss = total
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over the fixed batches of each split (shared out over the ranks)."""
+        self.module.eval()
+        out = {}
+        for split, batches in self.eval_batches.items():
+            acc = torch.zeros(2, dtype=torch.float64, device=self.device)
+            for x, y in batches[self.dist.rank::self.dist.world_size]:
+                with self._autocast():
+                    _, loss = self.module(self._to_device(x), self._to_device(y))
+                acc += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=self.device)])
+            acc = distributed.all_sum(acc)
+            out[f"{split}_loss"] = (acc[0] / acc[1]).item()
+        self.module.train()
+        return out
+
+    def elapsed(self) -> float:
+        return self.elapsed0 + time.perf_counter() - self.t0
+
+    def _diverged(self, it: int, what: str) -> DivergenceError:
+        last = checkpoint.find(self.run_dir / "last")
+        where = (f"the last good checkpoint is {last} (iter {checkpoint.read_info(last)['iter']})" if last
+                 else "no checkpoint was written")
+        error = DivergenceError(f"training diverged at iter {it}: {what} is not finite; {where}. Lower train.lr, "
+                                "raise train.warmup_iters or clip gradients (train.grad_clip)")
+        self._finish("diverged", it, {"message": str(error)})
+        return error
+
+    def save(self, it: int, losses: dict[str, float]) -> None:
+        """``last`` (with the resume state) and, on a new best validation loss, ``best``. All ranks call this
+        (their RNG states are gathered); rank 0 writes."""
+        improved = losses["val_loss"] < self.best_val
+        self.best_val = min(self.best_val, losses["val_loss"])
+        torch_rng = distributed.gather_objects(torch.get_rng_state())
+        cuda = self.device.type == "cuda"
+        cuda_rng = distributed.gather_objects(torch.cuda.get_rng_state(self.device)) if cuda else []
+        if not self.main:
+            return
+        info = {"iter": it, **losses, "best_val_loss": self.best_val, "elapsed": self.elapsed(),
+                "world_size": self.dist.world_size}
+        if improved:
+            checkpoint.save_checkpoint(self.run_dir / "best", self.raw_model, self.config, info)
+        state = {"iter": it, "best_val_loss": self.best_val, "elapsed": info["elapsed"],
+                 "optimizer": self.optimizer.state_dict(), "data_rng": self.data_gen.get_state(),
+                 "torch_rng": torch_rng, "cuda_rng": cuda_rng}
+        checkpoint.save_checkpoint(self.run_dir / "last", self.raw_model, self.config, info, state)
+
+    def _eval_and_save(self, it: int) -> None:
+        self.losses = losses = self.evaluate()
+        if not all(map(math.isfinite, losses.values())) or bool(self.bad):
+            raise self._diverged(it, "the loss")
+        best = losses["val_loss"] < self.best_val
+        self.save(it, losses)
+        if self.main:
+            self.log.write({"iter": it, "lr": lr_at(it, self.config.train), "elapsed": round(self.elapsed(), 3),
+                            **losses})
+            self._print(f"iter {it}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}"
+                        + (" (best)" if best else ""))
+
+    def _log_step(self, it: int, signals: _StopSignals) -> str | None:
+        """Log step ``it`` (the only host synchronisation); returns a stop reason agreed by all ranks, if any."""
+        tc = self.config.train
+        over_time = self.main and tc.max_minutes > 0 and self.elapsed() >= 60 * tc.max_minutes
+        flags = torch.stack([self.last_loss, self.bad.float(),
+                             torch.tensor(float(over_time), device=self.device),
+                             torch.tensor(float(signals.received is not None), device=self.device)])
+        loss, bad, over_time, signalled = distributed.all_sum(flags).tolist()
+        loss /= self.dist.world_size
+        if bad:
+            raise self._diverged(it, "the loss" if not math.isfinite(loss) else "the gradient")
+        now = time.perf_counter()
+        tokens_per_s = (it + 1 - self.last_log[0]) * self.tokens_per_step / max(now - self.last_log[1], 1e-9)
+        self.last_log = (it + 1, now)
+        if self.main:
+            lr = lr_at(it, tc)
+            self.log.write({"iter": it, "loss": loss, "lr": lr, "tokens_per_s": round(tokens_per_s, 1),
+                            "elapsed": round(self.elapsed(), 3)})
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        return "max_minutes" if over_time else "signal" if signalled else None
+
+    def _print(self, message: str) -> None:
+        if not self.quiet:
+            tqdm.write(message)
+
+    def _finish(self, status: str, it: int, extra: dict[str, Any]) -> dict[str, Any]:
+        best = self.best_val if self.best_val < math.inf else None
+        result = {"status": status, "iters": it, "best_val_loss": best, **extra,
+                  "wall_time_s": round(time.perf_counter() - self.t0, 3), "elapsed_s": round(self.elapsed(), 3),
+                  "run_dir": str(self.run_dir)}
+        if self.main:
+            (self.run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        return result
+
+    def run(self) -> dict[str, Any]:
+        """Train from ``start_iter`` to ``max_iters`` (or the time budget, or a stop signal)."""
+        tc = self.config.train
+        self.t0 = time.perf_counter()
+        self.last_log = (self.start_iter, self.t0)
+        resumed_at = self.start_iter if self.start_iter > 0 else None
+        if self.main and not self.quiet:
+            self._print(f"{self.raw_model.config.model} model, {self.raw_model.num_params():,} parameters, "
+                        f"{self.tokens_per_step:,} tokens per step, on {self.device}"
+                        + (f" x {self.dist.world_size} processes" if self.dist.enabled else ""))
+        self.bar = tqdm(total=tc.max_iters, initial=self.start_iter, unit="it", dynamic_ncols=True, mininterval=0.5,
+                        disable=self.quiet or not self.config.log.progress)
+        it, reason = self.start_iter, None
+        with self.bar, _StopSignals() as signals:
+            while True:
+                final = it >= tc.max_iters or reason is not None
+                if (it % tc.eval_interval == 0 or final) and it != resumed_at:
+                    self._eval_and_save(it)
+                if final:
+                    break
+                self.step(it)
+                self.bar.update()
+                if it % self.config.log.interval == 0 or it == tc.max_iters - 1:
+                    reason = self._log_step(it, signals)
+                elif not self.dist.enabled:
+                    reason = "signal" if signals.received else None
+                it += 1
+        status = "interrupted" if reason == "signal" else "finished"
+        return self._finish(status, it, {"reason": reason or "max_iters", **self.losses})
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+        distributed.teardown()
+
+
+def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Train a run; returns (and writes to ``result.json``) its result:
+
+    status ('finished' or 'interrupted'), reason ('max_iters', 'max_minutes' or 'signal'), iters,
+    best_val_loss, train_loss and val_loss (last evaluation), wall_time_s (this call), elapsed_s (the run,
+    across resumes), run_dir. ``resume`` continues ``config.out_dir``'s last checkpoint; ``overwrite``
+    starts over in a run directory that holds a run; ``quiet`` prints nothing (no progress bar).
+    Raises ConfigError / DataError / CheckpointError before any work for bad input, DivergenceError if
+    the loss becomes non-finite.
+    """
+    trainer = Trainer(config, resume=resume, overwrite=overwrite, quiet=quiet)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+@torch.no_grad()
+def split_loss(model: LanguageModel, data_dir: str | Path, split: str = "val",
+               batch_size: int = 32) -> tuple[float, int]:
+    """Mean loss per target token over the whole split (every token but the first predicted once), and
+    the number of targets."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for x, y in TokenStream(data_dir, split).iter_sequential(batch_size, model.config.block_size):
+        _, loss = model(x.to(device), y.to(device))
+        total += loss.double() * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    return (total / count).item(), count
+
+
+# ------------------------------------------------------------------------------------------- command line
+
+
+def main(args: argparse.Namespace) -> int:
+    config = resolve_config(args.preset, args.overrides)
+    if args.resume:
+        saved = Path(config.out_dir) / "config.json"
+        if args.preset:
+            raise ConfigError("--resume continues a run with its saved config.json; change settings with --set, "
+                              "not --preset")
+        if not saved.is_file():
+            raise CheckpointError(f"nothing to resume in {config.out_dir}: it has no config.json")
+        config = RunConfig.load(saved).with_overrides(args.overrides)
+    result = train(config, resume=args.resume, overwrite=args.overwrite)
+    if not distributed.from_env().is_main:
+        return 0
+    if result["status"] == "interrupted":
+        print(f"interrupted at iter {result['iters']} (checkpoint saved); continue with: "
+              f"nrgpt train --resume --out-dir {config.out_dir}", file=sys.stderr)
+        return 130
+    print(f"done: {result['iters']} iterations, best val loss {result['best_val_loss']:.4f}, "
+          f"{result['wall_time_s'] / 60:.1f} min; run directory {result['run_dir']}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="train a model (torchrun --nproc_per_node=N -m nrgpt train ... for DDP)",
+        description="Train from a preset plus overrides; the resolved config is saved as <out_dir>/config.json.")
+    add_arguments(p)
+    p.add_argument("--resume", action="store_true", help="continue out_dir's run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="start over in an out_dir that already holds a run")
+    p.set_defaults(func=main)
