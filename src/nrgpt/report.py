@@ -1,0 +1,344 @@
+"""Reports of a run or a sweep (``nrgpt report DIR``): one self-contained HTML page (PNG figures embedded
+as base64 data URIs) and one Markdown page (figures beside it in ``report_files/``).
+
+A run directory (it has ``metrics.jsonl``) gets its loss curves, final metrics and config. A sweep
+directory (it has ``sweep.toml``; see ``nrgpt.sweep``) gets, from its finished runs:
+
+* ListOps (Figure 3 of the paper): test accuracy against total parameters per model, the logistic fit of
+  each model (``nrgpt.metrics.fit_logistic``) with a star where it crosses 80% (the paper's "transition to
+  learning"), the table of crossings, and the best validation / final training loss against parameters;
+* language (Figure 4): best validation loss against total parameters per model, every run as a
+  transparent dot, a line through the best run of each size and a band over the better half of the runs
+  of each size (the paper's "top 50%"), the train-validation gap of the best run of each size, and
+  Tables 4/6: the best configuration of each model with its generation-quality metrics;
+* the table of all runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from .config import ConfigError
+from .metrics import LogisticFit, fit_logistic
+from .plots import new_figure, png_bytes
+from .sweep import RESULT, SPEC, best_table, collect_results, format_cell, markdown_table
+
+LEVEL = 0.8  # accuracy that marks the "transition to learning" (Figure 3)
+# Crossings of 80% reported by the paper (Figure 3), for comparison.
+PAPER_CROSSINGS = {"GPT_Rec_parallel": 2.3e4, "NRGPT_H_FF1": 2.4e4, "NRGPT_H_FF2W": 2.98e4}
+RUN_TABLE_COLUMNS = (
+    "slug", "n_params", "iters", "minutes", "best_val_loss", "final_train_loss", "final_val_loss", "gap",
+    "accuracy", "accuracy_heldout",
+)
+
+
+class ReportError(ConfigError):
+    """The directory is neither a run nor a sweep, or holds nothing to report."""
+
+
+# ----------------------------------------------------------------------------------------------- page
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[Any]]
+
+
+@dataclass
+class Image:
+    name: str  # file stem, unique within the report
+    png: bytes
+    caption: str
+
+
+Block = str | Table | Image  # a str is a Markdown paragraph; lines starting with '#' are headings
+
+
+def html_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """An HTML table; cells go through ``format_cell`` and are escaped."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(format_cell(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_markdown(title: str, blocks: list[Block], files_dir: str) -> str:
+    parts = [f"# {title}\n"]
+    for block in blocks:
+        if isinstance(block, Table):
+            parts.append(markdown_table(block.headers, block.rows))
+        elif isinstance(block, Image):
+            parts.append(f"![{block.caption}]({files_dir}/{block.name}.png)\n\n*{block.caption}*\n")
+        else:
+            parts.append(block + "\n")
+    return "\n".join(parts)
+
+
+_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
+          "table{border-collapse:collapse;font-size:0.85em;margin:1em 0}"
+          "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}th{background:#eee}"
+          "img{max-width:100%}figcaption{font-style:italic;color:#444}")
+
+
+def render_html(title: str, blocks: list[Block]) -> str:
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
+    for block in blocks:
+        if isinstance(block, Table):
+            parts.append(html_table(block.headers, block.rows))
+        elif isinstance(block, Image):
+            data = base64.b64encode(block.png).decode("ascii")
+            parts.append(f"<figure><img alt='{html.escape(block.caption)}' src='data:image/png;base64,{data}'>"
+                         f"<figcaption>{html.escape(block.caption)}</figcaption></figure>")
+        elif block.startswith("#"):
+            level = len(block) - len(block.lstrip("#"))
+            parts.append(f"<h{level + 1}>{html.escape(block.lstrip('#').strip())}</h{level + 1}>")
+        else:
+            parts.append(f"<p>{html.escape(block)}</p>")
+    return "\n".join(parts) + "\n</body></html>\n"
+
+
+def write_report(path: str | Path, out_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """Write ``report.html`` and ``report.md`` (+ ``report_files/``) for a run or sweep directory into
+    ``out_dir`` (default: the directory itself); returns the two paths."""
+    path = Path(path)
+    if (path / SPEC).is_file():
+        title, blocks = f"Sweep {path.name}", sweep_blocks(path)
+    elif (path / "metrics.jsonl").is_file():
+        title, blocks = f"Run {path.name}", run_blocks(path)
+    else:
+        raise ReportError(f"{path} is neither a run directory (no metrics.jsonl) nor a sweep directory (no {SPEC})")
+    out = Path(out_dir) if out_dir is not None else path
+    files = out / "report_files"
+    files.mkdir(parents=True, exist_ok=True)
+    for block in blocks:
+        if isinstance(block, Image):
+            (files / f"{block.name}.png").write_bytes(block.png)
+    md, page = out / "report.md", out / "report.html"
+    md.write_text(render_markdown(title, blocks, files.name), encoding="utf-8")
+    page.write_text(render_html(title, blocks), encoding="utf-8")
+    return page, md
+
+
+# ----------------------------------------------------------------------------------------------- a run
+
+
+def loss_curve_figure(run_dir: Path) -> Figure:
+    """The training batch loss of every log step and the evaluated train/validation losses of a run."""
+    from .evaluate import overfitting_curve
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+               if line.strip()]
+    steps = [r for r in records if "loss" in r]
+    fig, axes = new_figure(panel_size=(7, 4))
+    ax = axes[0, 0]
+    ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps], lw=0.8, alpha=0.5, label="training batch loss")
+    curve = overfitting_curve(run_dir)
+    for key, style in (("train_loss", "o-"), ("val_loss", "s-")):
+        ax.plot(curve["iter"], curve[key], style, ms=3, label=key.replace("_", " "))
+    ax.set(xlabel="iteration", ylabel="cross-entropy loss (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def _key_values(data: dict[str, Any], prefix: str = "") -> list[list[Any]]:
+    rows = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            rows += _key_values(value, f"{prefix}{key}.")
+        else:
+            rows.append([f"{prefix}{key}", json.dumps(value) if isinstance(value, list) else value])
+    return rows
+
+
+def run_blocks(run_dir: Path) -> list[Block]:
+    """Final metrics (the trainer's result.json and the sweep's row, when present), loss curves, config."""
+    final: dict[str, Any] = {}
+    for name in ("result.json", RESULT):
+        if (run_dir / name).is_file():
+            final.update(json.loads((run_dir / name).read_text(encoding="utf-8")))
+    blocks: list[Block] = []
+    if final:
+        blocks += ["## Final metrics", Table(["metric", "value"], _key_values(final))]
+    blocks += ["## Loss curves", Image("loss_curves", png_bytes(loss_curve_figure(run_dir)),
+                                       "Training batch loss and evaluated train/validation loss per iteration")]
+    if (run_dir / "config.json").is_file():
+        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        blocks += ["## Config", Table(["setting", "value"], _key_values(config))]
+    return blocks
+
+
+# ----------------------------------------------------------------------------------------------- a sweep
+
+
+def _by_model(results: list[dict[str, Any]], column: str) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in results:
+        if r.get(column) is not None and r.get("n_params"):
+            groups[r["model"]].append(r)
+    return dict(sorted(groups.items()))
+
+
+def fit_models(results: list[dict[str, Any]]) -> dict[str, LogisticFit | str]:
+    """The logistic fit of accuracy against total parameters for each model, or why there is none."""
+    fits: dict[str, LogisticFit | str] = {}
+    for model, runs in _by_model(results, "accuracy").items():
+        try:
+            fits[model] = fit_logistic([r["n_params"] for r in runs], [r["accuracy"] for r in runs])
+        except ValueError as e:
+            fits[model] = str(e)
+    return fits
+
+
+def crossing(fit: LogisticFit | str | None) -> float | None:
+    """Where a fit crosses 80%, or None (no fit, never crossed, or a degenerate fit whose crossing is not a
+    finite number)."""
+    if not isinstance(fit, LogisticFit):
+        return None
+    n = fit.crossing(LEVEL)
+    return n if n is not None and math.isfinite(n) else None
+
+
+def accuracy_figure(results: list[dict[str, Any]], fits: dict[str, LogisticFit | str]) -> Figure:
+    """Figure 3: accuracy (top) and losses (bottom) against total parameters, a logistic fit per model and a
+    star (gid ``crossing:<model>``) where the fit crosses 80%."""
+    fig, axes = new_figure(2, 1, panel_size=(7, 3.8), sharex=True)
+    top, bottom = axes[:, 0]
+    groups = _by_model(results, "accuracy")
+    sizes = [r["n_params"] for runs in groups.values() for r in runs]
+    grid = np.geomspace(min(sizes) / 1.5, max(sizes) * 1.5, 200) if sizes else np.array([])
+    for i, (model, runs) in enumerate(groups.items()):
+        color = f"C{i}"
+        top.plot([r["n_params"] for r in runs], [r["accuracy"] for r in runs], "o", color=color, alpha=0.7,
+                 label=model)
+        fit = fits.get(model)
+        if isinstance(fit, LogisticFit):
+            top.plot(grid, fit.predict(grid), "-", color=color, lw=1.2)
+            n = crossing(fit)
+            if n is not None and grid[0] <= n <= grid[-1]:
+                top.plot([n], [LEVEL], "*", ms=16, color="gold", mec="black", zorder=5, gid=f"crossing:{model}")
+        runs = sorted(runs, key=lambda r: r["n_params"])
+        n = [r["n_params"] for r in runs]
+        bottom.plot(n, [r["best_val_loss"] for r in runs], "s-", color=color, ms=4, label=f"{model} validation")
+        bottom.plot(n, [r["final_train_loss"] for r in runs], "o--", color=color, ms=3, alpha=0.6,
+                    label=f"{model} training")
+    top.axhline(LEVEL, color="gray", ls=":", lw=1)
+    top.set(xscale="log", ylabel="ListOps test accuracy", ylim=(-0.02, 1.02))
+    bottom.set(xscale="log", xlabel="total parameters", ylabel="loss (best val., final train)")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    return fig
+
+
+def crossing_table(results: list[dict[str, Any]], fits: dict[str, LogisticFit | str]) -> Table:
+    """Per model: runs, best accuracy, the fit's 80% crossing (marked when it lies outside the sizes
+    trained) and parameters, and the paper's crossing."""
+    rows = []
+    for model, runs in _by_model(results, "accuracy").items():
+        fit = fits[model]
+        best = max(runs, key=lambda r: r["accuracy"])
+        sizes = [r["n_params"] for r in runs]
+        n = crossing(fit)
+        if not isinstance(fit, LogisticFit):
+            cells = [f"no fit: {fit}", None, None, None]
+        else:
+            where = "not reached" if n is None else f"{n:.3g}" + ("" if min(sizes) <= n <= max(sizes) else
+                                                                  " (extrapolated)")
+            cells = [where, fit.x0, fit.k, fit.rss]
+        rows.append([model, len(runs), best["accuracy"], *cells, PAPER_CROSSINGS.get(model)])
+    return Table(["model", "runs", "best accuracy", "n_params at 80%", "fit x0 (log10 N)", "fit k", "fit rss",
+                  "paper: n_params at 80%"], rows)
+
+
+def per_size(runs: list[dict[str, Any]], column: str) -> list[tuple[int, list[dict[str, Any]]]]:
+    """The runs of one model grouped by parameter count, each group sorted by ``column`` (best first)."""
+    groups: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        groups[r["n_params"]].append(r)
+    return [(n, sorted(groups[n], key=lambda r: r[column])) for n in sorted(groups)]
+
+
+def loss_figure(results: list[dict[str, Any]]) -> Figure:
+    """Figure 4: best validation loss against total parameters (every run a transparent dot, a line through
+    the best of each size, a band over the better half of each size) and the train-validation gap of the
+    best run of each size."""
+    fig, axes = new_figure(2, 1, panel_size=(7, 3.8), sharex=True)
+    top, bottom = axes[:, 0]
+    for i, (model, runs) in enumerate(_by_model(results, "best_val_loss").items()):
+        color = f"C{i}"
+        top.plot([r["n_params"] for r in runs], [r["best_val_loss"] for r in runs], "o", color=color, alpha=0.25,
+                 ms=4)
+        groups = per_size(runs, "best_val_loss")
+        n = [size for size, _ in groups]
+        best = [group[0] for _, group in groups]
+        top.plot(n, [r["best_val_loss"] for r in best], "o-", color=color, label=model)
+        upper = [group[max(0, math.ceil(len(group) / 2) - 1)]["best_val_loss"] for _, group in groups]
+        top.fill_between(n, [r["best_val_loss"] for r in best], upper, color=color, alpha=0.15, lw=0)
+        bottom.plot(n, [r["gap"] for r in best], "o-", color=color, label=model)
+    top.set(xscale="log", ylabel="best validation loss")
+    bottom.axhline(0, color="gray", lw=0.8)
+    bottom.set(xscale="log", xlabel="total parameters", ylabel="final val. - train loss (best run per size)")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    return fig
+
+
+def sweep_blocks(sweep_dir: Path) -> list[Block]:
+    results = collect_results(sweep_dir)
+    if not results:
+        raise ReportError(f"{sweep_dir} has no finished runs yet (no runs/*/{RESULT})")
+    blocks: list[Block] = [f"{len(results)} finished runs. Parameter counts are total parameters (embeddings "
+                           "and head included), as in the paper."]
+    listops = [r for r in results if r["kind"] == "listops"]
+    language = [r for r in results if r["kind"] == "language"]
+    if listops:
+        fits = fit_models(listops)
+        blocks += ["## ListOps accuracy against size (Figure 3)",
+                   Image("figure3", png_bytes(accuracy_figure(listops, fits)),
+                         "ListOps test accuracy (top) and best validation / final training loss (bottom) against "
+                         "total parameters; lines: logistic fits; stars: where a fit crosses 80%"),
+                   crossing_table(listops, fits)]
+    if language:
+        blocks += ["## Validation loss against size (Figure 4)",
+                   Image("figure4", png_bytes(loss_figure(language)),
+                         "Best validation loss against total parameters: dots every run, lines the best run of "
+                         "each size, bands the better half of the runs of each size (top); final validation minus "
+                         "training loss of the best run of each size (bottom)")]
+    blocks += ["## Best configuration of each model (Tables 4/6)", Table(*best_table(results))]
+    columns = [c for c in RUN_TABLE_COLUMNS if any(r.get(c) is not None for r in results)]
+    blocks += ["## All runs", Table(columns, [[r.get(c) for c in columns] for r in results])]
+    return blocks
+
+
+# ----------------------------------------------------------------------------------------------- command
+
+
+def command(args: argparse.Namespace) -> int:
+    for path in write_report(args.dir, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """``nrgpt report RUN_OR_SWEEP_DIR``."""
+    p = subparsers.add_parser("report", help="write an HTML and a Markdown report of a run or a sweep",
+                              description="Write report.html (self-contained: figures embedded) and report.md "
+                                          "(figures in report_files/) for a run directory or a sweep directory.")
+    p.add_argument("dir", help="a run directory (with metrics.jsonl) or a sweep directory (with sweep.toml)")
+    p.add_argument("--out", help="where to write the report (default: the directory itself)")
+    p.set_defaults(func=command)
