@@ -1,0 +1,322 @@
+"""Task metrics: ListOps accuracy (Figure 3), over-fitting along training, generation quality (Tables 4, 6).
+
+ListOps accuracy
+----------------
+Every sample ``expr = step = ... = answer`` is cut after its first ``=``; the model continues the prompt
+greedily (cached decoding, batched) until it emits the end-of-sequence token or runs out of room
+(``max_new_tokens``, and the model's block). Scores, each a fraction of the samples:
+
+* ``overall``: the final answer is right: the continuation ended with ``<eos>`` and what follows its
+  last ``=`` (the whole continuation if it has none) is exactly the answer token;
+* ``exact_chain``: the whole continuation (every reduction step and the answer) equals the target;
+* ``terminated``: the continuation ended with ``<eos>`` within the budget;
+* ``per_op``: ``overall`` over the samples grouped by their ROOT op (the op evaluated last, which
+  produces the answer); ``per_op_present``: over the samples that use an op anywhere (a sample counts
+  for each op it uses, so these groups overlap); ``per_depth``: by nesting depth;
+* ``heldout``: over the samples that contain a held-out argument tuple (generalisation; for a dataset
+  made by ``nrgpt prepare listops`` that is every test sample and no training sample), and
+  ``in_distribution`` over those that contain none; None where there are no such samples or the
+  dataset does not know (imported data).
+
+Batched decoding groups the prompts by token count, so a batch needs no padding and each row computes
+exactly what it would alone. The default budget of new tokens is the token count of the longest evaluated
+sample plus its ``<eos>``, minus that of the shortest prompt: it depends on the evaluated set, never on a
+sample's own target.
+
+Language
+--------
+The mean validation loss and perplexity over a whole split is ``nrgpt.train.split_loss`` (``nrgpt eval
+--task loss``). ``overfitting_curve`` reads the train-validation gap along training from a run's
+``metrics.jsonl``; ``generation_quality_for_model`` samples texts and scores them with
+``nrgpt.metrics.generation_quality``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .config import ConfigError
+from .data import DataError, Tokenizer, listops_sample_info, load_tokenizer, read_listops_test
+from .layers import KVCache
+from .model import LanguageModel
+
+LISTOPS_SPLITS = {"test": "test", "val": "test", "train": "train"}
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+
+@torch.inference_mode()
+def greedy_continuations(model: nn.Module, prompts: Sequence[Sequence[int]], eos_id: int | None,
+                         max_new_tokens: int, batch_size: int = 64) -> list[list[int]]:
+    """Greedy continuation of every prompt, ending with ``eos_id`` where the model emitted it.
+
+    ``model`` needs ``config.block_size`` and ``forward_cached(idx, cache)`` (last-position logits).
+    Prompts of equal length are decoded together, ``batch_size`` at a time, so no padding is needed and
+    the result equals decoding each prompt alone. A prompt gets at most ``max_new_tokens`` tokens, and no
+    more than fit the block (the last generated token is never fed back, so a prompt of L tokens can be
+    continued by block_size - L + 1 tokens). A batch stops as soon as all its rows have emitted ``eos_id``.
+    """
+    block = model.config.block_size
+    too_long = [len(p) for p in prompts if not 0 < len(p) <= block]
+    if too_long:
+        raise ValueError(f"prompts must have 1 to block_size = {block} tokens; got one of {too_long[0]}")
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, prompt in enumerate(prompts):
+        by_length[len(prompt)].append(i)
+    device = _device(model)
+    out: list[list[int]] = [[] for _ in prompts]
+    for length, members in sorted(by_length.items()):
+        budget = min(max_new_tokens, block - length + 1)
+        for start in range(0, len(members) if budget > 0 else 0, batch_size):
+            rows = members[start:start + batch_size]
+            cache = KVCache(block)
+            logits = model.forward_cached(torch.tensor([prompts[i] for i in rows], device=device), cache)
+            new, done = [], torch.zeros(len(rows), dtype=torch.bool, device=device)
+            for step in range(budget):
+                nxt = logits.argmax(-1)
+                new.append(nxt)
+                if eos_id is not None:
+                    done |= nxt == eos_id
+                if step == budget - 1 or bool(done.all()):
+                    break
+                logits = model.forward_cached(nxt[:, None], cache)
+            for i, row in zip(rows, torch.stack(new, 1).tolist()):
+                out[i] = row[: row.index(eos_id) + 1] if eos_id in row else row
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ ListOps
+
+
+@dataclass
+class ListOpsSamples:
+    """ListOps samples to score: the records of ``listops_sample_info`` (prompt, target, answer, ops,
+    depth, heldout, line) and the dataset's tokenizer."""
+
+    records: list[dict[str, Any]]
+    tokenizer: Tokenizer
+    split: str = "test"
+
+
+def load_listops_samples(data_dir: str | Path, split: str = "test", max_samples: int | None = None) -> ListOpsSamples:
+    """The first ``max_samples`` (None: all) samples of a prepared ListOps split: 'test' (alias 'val':
+    ``test.jsonl``) or 'train' (``train.txt``, described with the held-out tuples of ``listops.json``)."""
+    if split not in LISTOPS_SPLITS:
+        raise DataError(f"unknown ListOps split {split!r}: use test (or val) or train")
+    data_dir = Path(data_dir)
+    tokenizer = load_tokenizer(data_dir)
+    if tokenizer.kind != "listops" or tokenizer.eos_id is None:
+        raise DataError(f"{data_dir} is not a ListOps dataset (its tokenizer is {tokenizer.kind!r})")
+    limit = None if max_samples is None else max(max_samples, 0)
+    if LISTOPS_SPLITS[split] == "test":
+        records = read_listops_test(data_dir)[:limit]
+    else:
+        info = json.loads((data_dir / "listops.json").read_text(encoding="utf-8"))
+        lines = (data_dir / "train.txt").read_text(encoding="utf-8").splitlines()
+        records = [listops_sample_info(line, info.get("heldout")) for line in lines if line.strip()][:limit]
+    if not records:
+        raise DataError(f"the {split} split of {data_dir} has no ListOps samples")
+    return ListOpsSamples(records, tokenizer, LISTOPS_SPLITS[split])
+
+
+def root_op(line: str) -> str:
+    """The op at the root of a sample (``median_10 ( ... ) = ...`` -> 'median'); '-' for a bare number."""
+    first = line.split()[0]
+    return first.rsplit("_", 1)[0] if "_" in first else "-"
+
+
+def score_continuation(tokens: list[str], eos: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Score one decoded continuation (tokens after the prompt, ``eos`` included if emitted) against its
+    record: terminated, the predicted answer (None unless terminated and a single token follows the last
+    ``=``), correct and exact_chain."""
+    terminated = bool(tokens) and tokens[-1] == eos
+    body = tokens[:-1] if terminated else tokens
+    last = len(body) - body[::-1].index("=") if "=" in body else 0
+    answer = body[last] if terminated and len(body) - last == 1 else None
+    return {"terminated": terminated, "answer": answer, "correct": answer == record["answer"],
+            "exact_chain": terminated and body == record["target"].split()}
+
+
+def _mean(flags: Iterable[bool]) -> float | None:
+    flags = list(flags)
+    return sum(flags) / len(flags) if flags else None
+
+
+def _grouped(scored: list[tuple[dict[str, Any], dict[str, Any]]], keys) -> dict[str, float]:
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for record, score in scored:
+        for key in keys(record):
+            groups[str(key)].append(score["correct"])
+    return {k: _mean(v) for k, v in sorted(groups.items())}
+
+
+def score_listops(model: nn.Module, samples: ListOpsSamples, *, batch_size: int = 64,
+                  max_new_tokens: int | None = None, return_predictions: bool = False) -> dict[str, Any]:
+    """Greedy-decode and score ListOps samples (see the module docstring for every key).
+
+    Returns n, overall, exact_chain, terminated, per_op (by root op), per_op_present, per_depth, heldout,
+    n_heldout, in_distribution, n_in_distribution, max_new_tokens, seconds and samples_per_s; with
+    ``return_predictions`` also ``predictions`` (per sample: line, continuation text and its scores).
+    """
+    tok, records = samples.tokenizer, samples.records
+    eos = tok.decode([tok.eos_id])
+    prompts = [tok.encode(r["prompt"]) for r in records]
+    if max_new_tokens is None:
+        max_new_tokens = max(len(r["line"].split()) + 1 for r in records) - min(len(p) for p in prompts)
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        continuations = greedy_continuations(model, prompts, tok.eos_id, max_new_tokens, batch_size)
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    decoded = [tok.decode(c).split() for c in continuations]
+    scored = [(r, score_continuation(c, eos, r)) for r, c in zip(records, decoded)]
+    heldout = [s["correct"] for r, s in scored if r.get("heldout")]
+    in_dist = [s["correct"] for r, s in scored if r.get("heldout") == []]
+    result: dict[str, Any] = {
+        "split": samples.split, "n": len(scored),
+        "overall": _mean(s["correct"] for _, s in scored),
+        "exact_chain": _mean(s["exact_chain"] for _, s in scored),
+        "terminated": _mean(s["terminated"] for _, s in scored),
+        "per_op": _grouped(scored, lambda r: [root_op(r["line"])]),
+        "per_op_present": _grouped(scored, lambda r: r["ops"]),
+        "per_depth": _grouped(scored, lambda r: [r["depth"]]),
+        "heldout": _mean(heldout), "n_heldout": len(heldout),
+        "in_distribution": _mean(in_dist), "n_in_distribution": len(in_dist),
+        "max_new_tokens": max_new_tokens, "seconds": seconds, "samples_per_s": len(scored) / max(seconds, 1e-9),
+    }
+    if return_predictions:
+        result["predictions"] = [{"line": r["line"], "continuation": " ".join(c), **s}
+                                 for (r, s), c in zip(scored, decoded)]
+    return result
+
+
+def listops_accuracy(model: nn.Module, data_dir: str | Path, split: str = "test", batch_size: int = 64,
+                     max_samples: int | None = None, max_new_tokens: int | None = None,
+                     return_predictions: bool = False) -> dict[str, Any]:
+    """ListOps accuracy of ``model`` on the first ``max_samples`` samples of a split of ``data_dir``:
+    ``score_listops`` of ``load_listops_samples``."""
+    samples = load_listops_samples(data_dir, split, max_samples)
+    return score_listops(model, samples, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                         return_predictions=return_predictions)
+
+
+# ----------------------------------------------------------------------------------------------- language
+
+
+def overfitting_curve(run_dir: str | Path) -> dict[str, list[float]]:
+    """The evaluations recorded in ``run_dir/metrics.jsonl`` (records with ``val_loss``), in order:
+    ``iter``, ``train_loss``, ``val_loss`` and ``gap`` = val_loss - train_loss (the over-fitting measure)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: give a run directory written by `nrgpt train`")
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    evals = [r for r in records if "val_loss" in r and "train_loss" in r]
+    if not evals:
+        raise DataError(f"{path} has no evaluation records (with train_loss and val_loss) yet")
+    curve: dict[str, list[float]] = {"iter": [], "train_loss": [], "val_loss": [], "gap": []}
+    for r in evals:
+        curve["iter"].append(r["iter"])
+        curve["train_loss"].append(r["train_loss"])
+        curve["val_loss"].append(r["val_loss"])
+        curve["gap"].append(r["val_loss"] - r["train_loss"])
+    return curve
+
+
+def generation_quality_for_model(model: LanguageModel | str | Path, tokenizer: Tokenizer | None = None, *,
+                                 n_samples: int = 16, max_new_tokens: int = 200, prompt: str = "",
+                                 seed: int = 0, temperature: float = 0.8, top_k: int | None = None,
+                                 top_p: float | None = None, perplexity_model: Any = None,
+                                 sbert_model: Any = None) -> dict[str, Any]:
+    """Sample ``n_samples`` continuations of ``prompt`` and score them with
+    ``nrgpt.metrics.generation_quality`` (the prompt is removed from each text before scoring).
+
+    ``model`` is a model (then ``tokenizer`` is required) or a run / checkpoint directory (its best
+    checkpoint, and its dataset's tokenizer unless ``tokenizer`` is given). The result holds the metrics,
+    the sampling settings and the texts.
+    """
+    from .metrics import generation_quality
+    from .sample import generate_text
+
+    if not isinstance(model, nn.Module):
+        from .checkpoint import load_model
+
+        model, config = load_model(model)
+        tokenizer = tokenizer or load_tokenizer(config.data.dir)
+    if tokenizer is None:
+        raise ConfigError("generation_quality_for_model needs the tokenizer of the model's dataset")
+    texts = generate_text(model, tokenizer, prompt, num_samples=n_samples, max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    texts = [t[len(prompt):] if prompt and t.startswith(prompt) else t for t in texts]
+    quality = generation_quality(texts, perplexity_model=perplexity_model, sbert_model=sbert_model)
+    settings = {"n_samples": n_samples, "max_new_tokens": max_new_tokens, "prompt": prompt, "seed": seed,
+                "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    return {**quality, "settings": settings, "texts": texts}
+
+
+# ----------------------------------------------------------------------------------------- `nrgpt eval`
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``nrgpt eval --task listops|quality``."""
+    g = parser.add_argument_group("listops and quality tasks")
+    g.add_argument("--max-samples", type=int, default=None, help="listops: score only the first N samples")
+    g.add_argument("--num-samples", type=int, default=16, help="quality: texts to sample (default 16)")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="listops: token budget per sample (default: the longest sample); quality: text length "
+                        "(default 200)")
+    g.add_argument("--prompt", default="", help="quality: prompt of every sample (default: none)")
+    g.add_argument("--temperature", type=float, default=0.8, help="quality: sampling temperature")
+    g.add_argument("--top-k", type=int, default=None, help="quality: sample from the k most likely tokens")
+    g.add_argument("--seed", type=int, default=0, help="quality: sampling seed")
+    g.add_argument("--json", help="also write the full results to this JSON file")
+
+
+def _flat(results: dict[str, Any]) -> dict[str, Any]:
+    """One printable value per key: groups expanded to key_group, lists and None dropped."""
+    flat: dict[str, Any] = {}
+    for key, value in results.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}_{k}": v for k, v in value.items() if not isinstance(v, (dict, list))})
+        elif value is not None and not isinstance(value, list):
+            flat[key] = value
+    return flat
+
+
+def run_task(args: argparse.Namespace) -> dict[str, Any]:
+    """``nrgpt eval --task listops`` (split val = the test samples) or ``--task quality``; returns the
+    printable results and writes all of them to ``--json`` if given."""
+    from .checkpoint import load_model
+    from .train import pick_device
+
+    model, config = load_model(args.run, device=pick_device(args.device), which=args.checkpoint)
+    data_dir = args.data_dir or config.data.dir
+    if args.task == "listops":
+        results = listops_accuracy(model, data_dir, args.split, args.batch_size, args.max_samples,
+                                   args.max_new_tokens)
+    else:
+        results = generation_quality_for_model(
+            model, load_tokenizer(data_dir), n_samples=args.num_samples, max_new_tokens=args.max_new_tokens or 200,
+            prompt=args.prompt, seed=args.seed, temperature=args.temperature, top_k=args.top_k)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return _flat(results)
+
