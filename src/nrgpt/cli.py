@@ -29,7 +29,7 @@ from .reference import CheckpointError
 from .train import DivergenceError
 
 # The modules that add subcommands, in the order `nrgpt --help` lists them. Add yours here.
-COMMAND_MODULES = ("nrgpt.cli", "nrgpt.train", "nrgpt.sample", "nrgpt.sweep", "nrgpt.report")
+COMMAND_MODULES = ("nrgpt.cli", "nrgpt.train", "nrgpt.sample", "nrgpt.sweep", "nrgpt.report", "nrgpt.dynamics")
 
 EVAL_TASKS = ("loss", "listops", "quality")
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
