@@ -1,0 +1,119 @@
+"""Reports: Figure 3's logistic fits and crossing stars, Figure 4's lines and bands, HTML and Markdown pages."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import numpy as np
+import pytest
+
+from nrgpt.cli import main
+from nrgpt.metrics import fit_logistic
+from nrgpt.report import accuracy_figure, fit_models, loss_figure, write_report
+from nrgpt.sweep import RESULT, SPEC
+
+
+def logistic_runs(model: str, x0: float, k: float = 6.0) -> list[dict]:
+    """ListOps results whose accuracy follows a logistic in log10(n_params), with a little noise."""
+    rng = np.random.default_rng(len(model))
+    runs = []
+    for n in np.geomspace(3e3, 3e5, 7).round().astype(int):
+        acc = float(np.clip(1 / (1 + np.exp(-k * (np.log10(n) - x0))) + rng.normal(0, 0.02), 0, 1))
+        runs.append({"slug": f"{model}-{n}", "kind": "listops", "model": model, "n_params": int(n), "accuracy": acc,
+                     "best_val_loss": 1.0 - acc / 2, "final_train_loss": 0.9 - acc / 2, "gap": 0.1})
+    return runs
+
+
+def test_crossing_star_is_drawn_where_the_logistic_fit_crosses_80_percent():
+    results = logistic_runs("A", 4.2) + logistic_runs("B", 4.6)
+    fits = fit_models(results)
+    fig = accuracy_figure(results, fits)
+    stars = {line.get_gid(): line for ax in fig.axes for line in ax.lines if (line.get_gid() or "").startswith("cr")}
+    assert set(stars) == {"crossing:A", "crossing:B"}
+    for model in "AB":
+        runs = [r for r in results if r["model"] == model]
+        expected = fit_logistic([r["n_params"] for r in runs], [r["accuracy"] for r in runs]).crossing(0.8)
+        x, y = stars[f"crossing:{model}"].get_data()
+        assert x[0] == pytest.approx(expected) and y[0] == 0.8
+        assert fits[model].predict(x[0]) == pytest.approx(0.8)
+    assert 10 ** 4.2 < stars["crossing:A"].get_xdata()[0] < stars["crossing:B"].get_xdata()[0]
+
+
+def test_no_star_when_a_model_never_learns():
+    flat = [{**r, "accuracy": 0.05} for r in logistic_runs("C", 4.0)]
+    fig = accuracy_figure(flat, fit_models(flat))
+    assert not [line for ax in fig.axes for line in ax.lines if (line.get_gid() or "").startswith("crossing")]
+
+
+def language_runs() -> list[dict]:
+    runs = []
+    for n, losses in ((1000, (2.0, 2.4, 2.2, 3.0)), (4000, (1.6, 1.7))):
+        for i, loss in enumerate(losses):
+            runs.append({"slug": f"A-{n}-{i}", "kind": "language", "model": "A", "n_params": n, "best_val_loss": loss,
+                         "gap": 0.1 * (i + 1), "lr": 1e-3, "min_lr": 1e-4, "n_embd": 8, "n_head": 1, "n_steps": 2})
+    return runs
+
+
+def test_loss_figure_connects_the_best_run_of_each_size_and_bands_the_better_half():
+    fig = loss_figure(language_runs())
+    top, bottom = fig.axes
+    best_line = [line for line in top.lines if line.get_label() == "A"][0]
+    assert list(best_line.get_xdata()) == [1000, 4000] and list(best_line.get_ydata()) == [2.0, 1.6]
+    dots = top.lines[0]
+    assert len(dots.get_xdata()) == 6 and dots.get_alpha() < 0.5
+    band = top.collections[0].get_paths()[0].vertices
+    assert band[:, 1].max() == pytest.approx(2.2) and band[:, 1].min() == pytest.approx(1.6)  # top 2 of 4, 1 of 2
+    gap = [line for line in bottom.lines if line.get_label() == "A"][0]
+    assert list(gap.get_ydata()) == [0.1, 0.1]  # the gap of the best run of each size
+
+
+def make_sweep_dir(tmp_path, results):
+    (tmp_path / SPEC).write_text('name = "demo"\n')
+    for r in results:
+        run = tmp_path / "runs" / r["slug"]
+        run.mkdir(parents=True)
+        (run / RESULT).write_text(json.dumps(r))
+    return tmp_path
+
+
+def embedded_pngs(page: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)]
+
+
+def test_sweep_report_has_tables_and_embedded_figures(tmp_path):
+    sweep_dir = make_sweep_dir(tmp_path, logistic_runs("A", 4.2) + language_runs())
+    page, md = write_report(sweep_dir)
+    html = page.read_text()
+    pngs = embedded_pngs(html)
+    assert len(pngs) == 2 and all(p.startswith(b"\x89PNG") for p in pngs)
+    assert "<table>" in html and "<th>n_params at 80%</th>" in html and "<td>A-1000-0</td>" in html
+    text = md.read_text()
+    assert "![" in text and "(report_files/figure3.png)" in text and "(report_files/figure4.png)" in text
+    assert (sweep_dir / "report_files" / "figure3.png").read_bytes() == pngs[0]
+    assert "| model | runs | best accuracy | n_params at 80% |" in text
+    assert "## Best configuration of each model (Tables 4/6)" in text
+
+
+def test_run_report(tmp_path):
+    records = [{"iter": 0, "loss": 3.0, "lr": 1e-3}, {"iter": 0, "train_loss": 3.0, "val_loss": 3.1},
+               {"iter": 10, "loss": 2.0, "lr": 1e-3}, {"iter": 10, "train_loss": 2.0, "val_loss": 2.2}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"preset": "GPT", "n_embd": 8}, "train": {"lr": 1e-3}}))
+    (tmp_path / "result.json").write_text(json.dumps({"status": "finished", "iters": 10, "best_val_loss": 2.2}))
+    out = tmp_path / "report"
+    assert main(["report", str(tmp_path), "--out", str(out)]) == 0
+    html = (out / "report.html").read_text()
+    assert len(embedded_pngs(html)) == 1
+    assert "<td>model.n_embd</td><td>8</td>" in html and "<td>best_val_loss</td><td>2.2</td>" in html
+    assert "(report_files/loss_curves.png)" in (out / "report.md").read_text()
+
+
+def test_report_of_something_else_is_one_clear_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "neither a run directory" in err[0]
+    make_sweep_dir(tmp_path, [])
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no finished runs" in capsys.readouterr().err
