@@ -43,6 +43,7 @@ fixed-steps model); a huge tol freezes every token before its first step (logits
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from collections.abc import Sequence
@@ -105,22 +106,24 @@ class Dynamics:
 
 
 @torch.no_grad()
-def own_move_energies(block: EnergyBlock, g: torch.Tensor, g_next: torch.Tensor,
-                      chunk_elements: int = 1 << 24) -> torch.Tensor:
+def own_move_energies(block: EnergyBlock, g: torch.Tensor, g_next: torch.Tensor, chunk: int = 16,
+                      max_elements: int = 1 << 24) -> torch.Tensor:
     """E_A with token A at ``g_next`` and every other token at ``g`` (both (B, T, D)), for every A: (B, T).
 
-    The T one-token substitutions are stacked along the batch and evaluated with ``block.energy`` (eq. 3),
-    a chunk of about ``chunk_elements`` numbers at a time.
+    The one-token substitutions are stacked along the batch and evaluated with ``block.energy`` (eq. 3),
+    up to ``chunk`` tokens (and about ``max_elements`` numbers) at a time; since E_A depends on tokens
+    B <= A only, each chunk is evaluated on the prefix that ends with its last token.
     """
     b, t, d = g.shape
     out = g.new_empty(b, t)
-    per_chunk = max(1, chunk_elements // (b * t * d))
+    per_chunk = max(1, min(chunk, max_elements // (b * t * d)))
     for start in range(0, t, per_chunk):
-        pos = torch.arange(start, min(start + per_chunk, t), device=g.device)
+        end = min(start + per_chunk, t)
+        pos = torch.arange(start, end, device=g.device)
         rows = torch.arange(len(pos), device=g.device)
-        moved = g.unsqueeze(0).repeat(len(pos), 1, 1, 1)  # (n, B, T, D): copy i has token pos[i] moved
+        moved = g[:, :end].unsqueeze(0).repeat(len(pos), 1, 1, 1)  # (n, B, end, D): copy i has pos[i] moved
         moved[rows, :, pos] = g_next[:, pos].transpose(0, 1)
-        energy = block.energy(moved.flatten(0, 1))[0].view(len(pos), b, t)
+        energy = block.energy(moved.flatten(0, 1))[0].view(len(pos), b, end)
         out[:, pos] = energy[rows, :, pos].T
     return out
 
@@ -387,7 +390,8 @@ def early_exit_figure(curve: list[dict[str, float]], fixed: list[dict[str, float
     fig, axes = new_figure(1, 1, panel_size=(6.0, 4.0), title=title or None)
     ax = axes[0, 0]
     ax.plot([p["avg_steps"] for p in fixed], [p[metric] for p in fixed], "s-", color="0.5", label="fixed steps")
-    ax.plot([p["avg_steps"] for p in curve], [p[metric] for p in curve], "o-", color="C3", label="early exit")
+    by_steps = sorted(curve, key=lambda p: p["avg_steps"])
+    ax.plot([p["avg_steps"] for p in by_steps], [p[metric] for p in by_steps], "o-", color="C3", label="early exit")
     for p in curve:
         ax.annotate(f"{p['tol']:g}", (p["avg_steps"], p[metric]), textcoords="offset points", xytext=(4, 4),
                     fontsize="x-small", color="C3")
@@ -487,14 +491,13 @@ def main(args: argparse.Namespace) -> int:
         model = require_energy_model(model)
     except TypeError as e:
         raise ConfigError(str(e)) from None
-    if args.precision == "float64":
-        model = model.double()
+    recorded = copy.deepcopy(model).double() if args.precision == "float64" else model
     steps = args.steps or model.config.n_steps
     path = Path(args.checkpoint)
     out = Path(args.out) if args.out else (Path("dynamics") / path.stem if path.is_file() else path / "dynamics")
     out.mkdir(parents=True, exist_ok=True)
     idx, source = _input_batch(args, model, data_dir, device)
-    dyn = record_dynamics(model, idx, steps, keep_states=args.save_states)
+    dyn = record_dynamics(recorded, idx, steps, keep_states=args.save_states)
     summary = {"model": model.config.model, "checkpoint": str(path), "input": source,
                "descent_guarantee": descent_guarantee(model), "config": model.config.to_dict(),
                **summarize_dynamics(dyn, args.energy_tol)}
@@ -506,8 +509,9 @@ def main(args: argparse.Namespace) -> int:
     if args.early_exit:
         tolerances = [float(t) for t in args.early_exit.split(",")]
         data = _early_exit_data(args, idx, data_dir)
-        summary["early_exit"] = early_exit_curve(model, data, tolerances, max_steps=steps)
-        summary["fixed_steps"] = fixed_steps_curve(model, data, range(steps + 1))
+        max_steps = args.early_exit_steps or model.config.n_steps
+        summary["early_exit"] = early_exit_curve(model, data, tolerances, max_steps=max_steps)
+        summary["fixed_steps"] = fixed_steps_curve(model, data, range(max_steps + 1))
         save_png(early_exit_figure(summary["early_exit"], summary["fixed_steps"], title=name), out / "early_exit.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     _print_summary(summary)
@@ -540,6 +544,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output directory (default: RUN/dynamics, or dynamics/NAME for a .pt file)")
     p.add_argument("--early-exit", metavar="TOL1,TOL2,...",
                    help="gradient-norm tolerances: loss (or ListOps accuracy) against average steps, vs fixed steps")
+    p.add_argument("--early-exit-steps", type=int, default=None,
+                   help="most steps a token may take under early exit (default: the trained number)")
     p.add_argument("--early-exit-samples", type=int, default=200,
                    help="ListOps test samples scored per early-exit point (default 200)")
     p.add_argument("--energy-tol", type=float, default=DEFAULT_ENERGY_TOL,
@@ -547,7 +553,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sequence", type=int, default=0, help="which sequence of the batch energy.png shows")
     p.add_argument("--linear-grad", action="store_true", help="linear (not log) scale for the gradient norm")
     p.add_argument("--precision", choices=("float64", "float32"), default="float64",
-                   help="arithmetic of the recording (default float64: changes far below float32 noise)")
+                   help="arithmetic of the recording (default float64, so that tiny energy changes are not float32 "
+                        "noise); early exit runs in the checkpoint's own precision")
     p.add_argument("--save-states", action="store_true", help="also store the states x^(t) in dynamics.npz")
     p.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint of a run directory")
     p.add_argument("--device", choices=DEVICES, default="auto")
