@@ -287,25 +287,39 @@ Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 def evaluate_early_exit(ee: EarlyExit, data: Batches | ListOpsSamples, batch_size: int = 64) -> dict[str, float]:
     """{"avg_steps", "loss"} on language batches (x, y) (mean over target tokens), or {"avg_steps",
     "accuracy"} on ListOps samples (greedy decoding; the steps are averaged over the tokens the decoding
-    fed to the model: the prompt and every generated token but the last)."""
+    fed to the model: the prompt and every generated token but the last). Runs in eval mode."""
+    was_training = ee.training
+    ee.eval()
+    try:
+        if isinstance(data, ListOpsSamples):
+            return _listops_early_exit(ee, data, batch_size)
+        return _language_early_exit(ee, data)
+    finally:
+        ee.train(was_training)
+
+
+def _listops_early_exit(ee: EarlyExit, samples: ListOpsSamples, batch_size: int) -> dict[str, float]:
     device = next(ee.parameters()).device
-    if isinstance(data, ListOpsSamples):
-        result = score_listops(ee, data, batch_size=batch_size, return_predictions=True)
-        tok = data.tokenizer
-        fed = [tok.encode(r["prompt"]) + tok.encode(p["continuation"])[:-1]
-               for r, p in zip(data.records, result["predictions"])]
-        total = count = 0
-        for start in range(0, len(fed), batch_size):
-            rows = fed[start:start + batch_size]
-            width = max(map(len, rows))  # right padding: causality keeps it out of the real tokens
-            idx = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
-            lengths = torch.tensor([len(r) for r in rows], device=device)
-            real = torch.arange(width, device=device)[None] < lengths[:, None]
-            total += int(ee.run(idx)[1][real].sum())
-            count += int(real.sum())
-        return {"avg_steps": total / count, "accuracy": result["overall"]}
+    result = score_listops(ee, samples, batch_size=batch_size, return_predictions=True)
+    tok = samples.tokenizer
+    fed = [tok.encode(r["prompt"]) + tok.encode(p["continuation"])[:-1]
+           for r, p in zip(samples.records, result["predictions"])]
+    total = count = 0
+    for start in range(0, len(fed), batch_size):
+        rows = fed[start:start + batch_size]
+        width = max(map(len, rows))  # right padding: causality keeps it out of the real tokens
+        idx = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
+        lengths = torch.tensor([len(r) for r in rows], device=device)
+        real = torch.arange(width, device=device)[None] < lengths[:, None]
+        total += int(ee.run(idx)[1][real].sum())
+        count += int(real.sum())
+    return {"avg_steps": total / count, "accuracy": result["overall"]}
+
+
+def _language_early_exit(ee: EarlyExit, batches: Batches) -> dict[str, float]:
+    device = next(ee.parameters()).device
     loss_sum, steps_sum, count = 0.0, 0, 0
-    for x, y in data:
+    for x, y in batches:
         x, y = x.to(device), y.to(device)
         logits, steps = ee.run(x)
         loss_sum += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()

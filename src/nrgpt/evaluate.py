@@ -126,9 +126,10 @@ def load_listops_samples(data_dir: str | Path, split: str = "test", max_samples:
     if LISTOPS_SPLITS[split] == "test":
         records = read_listops_test(data_dir)[:limit]
     else:
-        info = json.loads((data_dir / "listops.json").read_text(encoding="utf-8"))
-        lines = (data_dir / "train.txt").read_text(encoding="utf-8").splitlines()
-        records = [listops_sample_info(line, info.get("heldout")) for line in lines if line.strip()][:limit]
+        info_path = data_dir / "listops.json"
+        heldout = json.loads(info_path.read_text(encoding="utf-8")).get("heldout") if info_path.is_file() else None
+        lines = [line for line in (data_dir / "train.txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = [listops_sample_info(line, heldout) for line in lines[:limit]]
     if not records:
         raise DataError(f"the {split} split of {data_dir} has no ListOps samples")
     return ListOpsSamples(records, tokenizer, LISTOPS_SPLITS[split])
