@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .energy import EnergyBlock
+from .generate import generate
 from .layers import KVCache, TransformerBlock
 
 
@@ -75,22 +76,7 @@ class LanguageModel(nn.Module):
         cache.advance(idx.shape[1])
         return self.lm_head(self.ln_f(x[:, -1]))
 
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        greedy: bool = False,
-        use_cache: bool = True,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Continue ``idx`` (B, T) by ``max_new_tokens``; see ``nrgpt.generate.generate``."""
-        from .generate import generate
-
-        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        greedy=greedy, use_cache=use_cache, generator=generator)
+    generate = generate  # model.generate(idx, max_new_tokens, temperature, top_k, top_p, greedy, ...)
 
     def num_params(self, include_embeddings: bool = True) -> int:
         """Trained parameters: the count the paper reports (embeddings and head included)."""
