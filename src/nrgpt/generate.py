@@ -51,7 +51,6 @@ def generate(
     model,
     idx: torch.Tensor,
     max_new_tokens: int,
-    *,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
