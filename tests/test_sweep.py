@@ -99,6 +99,20 @@ def test_slug_values():
         "GPT-dropout0.1-train_seed1-data_seed2")
 
 
+def test_extends_replaces_axes_and_keeps_the_rest(tmp_path):
+    write_sweep(tmp_path, GRID)
+    child = tmp_path / "trimmed.toml"
+    child.write_text('extends = "s.toml"\n[grid]\nmodel.n_embd = [8]\n[budget]\niters = 3\n')
+    sweep = load_sweep(child)
+    assert sweep.name == "trimmed" and sweep.out_dir == Path("runs/sweeps/trimmed")
+    assert [p.slug for p in sweep.points][:2] == ["NRGPT_H_FF1-n_embd8-lr0.001-min_lr0.0001",
+                                                  "NRGPT_H_FF1-n_embd8-lr0.0003-min_lr2e-5"]
+    assert len(sweep.points) == 4 and sweep.points[0].config.train.max_iters == 3
+    child.write_text('extends = "trimmed.toml"\n')
+    with pytest.raises(SweepError, match="extends itself"):
+        load_sweep(child)
+
+
 def test_resolved_sweep_toml_round_trips(tmp_path):
     sweep = load_sweep(write_sweep(tmp_path, GRID))
     assert tomllib.loads(dump_toml(sweep.spec())) == sweep.spec()
@@ -134,7 +148,7 @@ def test_bad_sweep_files_give_one_clear_error(tmp_path, capsys, body, message):
 def test_unknown_top_level_key(tmp_path):
     path = tmp_path / "s.toml"
     path.write_text("bogus = 1\n" + TINY_BASE.format(data="d") + GRID)
-    with pytest.raises(SweepError, match="unknown key 'bogus' in .*allowed keys: name, out_dir, base, grid"):
+    with pytest.raises(SweepError, match="unknown key 'bogus' in .*allowed keys: name, out_dir, extends, base"):
         load_sweep(path)
 
 

@@ -7,6 +7,7 @@ Sweep file (TOML)
 
     name = "listops_fig3_cpu"        # optional: default the file's stem
     out_dir = "runs/sweeps/x"        # optional: default runs/sweeps/<name> (relative to the working dir)
+    extends = "other.toml"           # optional: start from another sweep file (relative to this one)
 
     [base]                           # the run config every run starts from (see nrgpt.runconfig)
     preset = "listops"               # optional run preset: a shipped name, or a file relative to this one
@@ -31,6 +32,8 @@ Sweep file (TOML)
 A grid axis is a dotted run-config key with a list of values, or any name with a list of tables: the
 settings in one table change together (a learning rate with its min_lr). Every combination is checked
 as a full run config when the file is read, so a bad key or value fails before anything is trained.
+A file that ``extends`` another overrides it table by table: a grid axis it lists replaces that axis
+(a trimmed sweep lists fewer sizes); it cannot remove an axis.
 
 Sweep directory
 ---------------
@@ -75,7 +78,7 @@ except ModuleNotFoundError:  # Python 3.10
 RESULT = "sweep_result.json"
 QUALITY = "quality.json"
 SPEC = "sweep.toml"
-TOP_KEYS = ("name", "out_dir", "base", "grid", "budget", "eval")
+TOP_KEYS = ("name", "out_dir", "extends", "base", "grid", "budget", "eval")
 
 # Columns of the results table taken from each run's config (then the other grid keys, then metrics).
 CONFIG_COLUMNS = {
@@ -273,12 +276,10 @@ def slug(settings: dict[str, Any]) -> str:
     return "-".join(parts)
 
 
-def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
-    """Read and check a sweep file; every grid point is resolved to a checked RunConfig.
-
-    ``out_dir`` overrides the file's. SweepError (one line, naming the file and the key) on any problem.
-    """
-    path = Path(path)
+def _read_sweep_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A sweep file's settings; with ``extends = "other.toml"`` (relative to this file) laid over that file's
+    settings, table by table (a list, such as a grid axis, is replaced whole; name and out_dir are not
+    inherited)."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -286,6 +287,24 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SweepError(f"{path} is not valid TOML: {e}") from None
     _table(str(path), raw, TOP_KEYS)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise SweepError(f"{path}: extends = {parent!r} must name a sweep file")
+    if path.resolve() in _seen:
+        raise SweepError(f"{path} extends itself (through {' -> '.join(map(str, _seen))})")
+    inherited = _read_sweep_file(path.parent / parent, (*_seen, path.resolve()))
+    return merge({k: v for k, v in inherited.items() if k not in ("name", "out_dir")}, raw)
+
+
+def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
+    """Read and check a sweep file; every grid point is resolved to a checked RunConfig.
+
+    ``out_dir`` overrides the file's. SweepError (one line, naming the file and the key) on any problem.
+    """
+    path = Path(path)
+    raw = _read_sweep_file(path)
     name = raw.get("name", path.stem)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
         raise SweepError(f"{path}: name = {name!r} must be letters, digits, _ . + or -")
