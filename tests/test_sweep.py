@@ -240,6 +240,29 @@ def test_interrupted_sweep_resumes_and_skips_finished_runs(tmp_path, chars_dir):
     assert "accuracy" not in r
 
 
+def test_language_sweep_scores_the_best_run_of_each_model_once(tmp_path, chars_dir, monkeypatch):
+    import nrgpt.evaluate
+
+    scored = []
+
+    def fake_quality(run_dir, n_samples, max_new_tokens):
+        scored.append((Path(run_dir).name, n_samples, max_new_tokens))
+        return {"perplexity": None, "gqs": 0.9, "apcs": None, "distinct_1": 0.5, "distinct_2": 0.8,
+                "missing": ["apcs", "perplexity"]}
+
+    monkeypatch.setattr(nrgpt.evaluate, "generation_quality_for_model", fake_quality)
+    body = "[grid]\nmodel.preset = ['GPT']\nmodel.n_embd = [8, 16]\n[budget]\niters = 8\n[eval]\nquality_samples = 3\n"
+    sweep = load_sweep(write_sweep(tmp_path, body, data=chars_dir), out_dir=tmp_path / "sw")
+    losses = iter([(2.0, 1.0), (2.0, 0.5)])
+    for _ in range(2):
+        run_sweep(sweep, train_fn=lambda c, **kw: fake_train(c, losses=next(losses), **kw), log=lambda _: None)
+    assert scored == [("GPT-n_embd16", 3, 200)]  # the best run only, and only once
+    assert json.loads((tmp_path / "sw" / "runs" / "GPT-n_embd16" / "quality.json").read_text())["gqs"] == 0.9
+    md = (tmp_path / "sw" / "results.md").read_text()
+    assert "| perplexity | gqs | apcs | distinct_1 | distinct_2 | missing |" in md
+    assert "|  | 0.9 |  | 0.5 | 0.8 | apcs, perplexity |" in md
+
+
 def test_real_tiny_listops_sweep_end_to_end(tmp_path, listops_dir, capsys):
     body = """
     [grid]

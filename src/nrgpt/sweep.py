@@ -605,12 +605,16 @@ BEST_COLUMNS = ("model", "lr", "min_lr", "n_steps", "n_head", "n_embd", "n_param
 
 def best_table(results: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
     """Tables 4/6: the best configuration of each model, with its score and generation-quality metrics
-    (empty where not computed or where the metric's optional extra is missing)."""
+    (empty where not computed; the metrics whose optional extra is not installed are listed as missing)."""
     best = best_per_model(results)
     score = sorted({BEST_BY[r["kind"]][0] for r in best})
     with_quality = any("quality" in r for r in best)
     headers = [*BEST_COLUMNS, *score, *(QUALITY_COLUMNS if with_quality else ())]
     rows = [[r.get(c, r.get("quality", {}).get(c)) for c in headers] for r in best]
+    if with_quality:
+        headers.append("missing")
+        for row, r in zip(rows, best):
+            row.append(", ".join(r.get("quality", {}).get("missing", [])))
     return headers, rows
 
 
