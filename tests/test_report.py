@@ -52,7 +52,8 @@ def language_runs() -> list[dict]:
     for n, losses in ((1000, (2.0, 2.4, 2.2, 3.0)), (4000, (1.6, 1.7))):
         for i, loss in enumerate(losses):
             runs.append({"slug": f"A-{n}-{i}", "kind": "language", "model": "A", "n_params": n, "best_val_loss": loss,
-                         "gap": 0.1 * (i + 1), "lr": 1e-3, "min_lr": 1e-4, "n_embd": 8, "n_head": 1, "n_steps": 2})
+                         "final_train_loss": loss - 0.1, "gap": 0.1 * (i + 1), "lr": 1e-3, "min_lr": 1e-4,
+                         "n_embd": 8, "n_head": 1, "n_steps": 2})
     return runs
 
 

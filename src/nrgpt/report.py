@@ -274,8 +274,8 @@ def per_size(runs: list[dict[str, Any]], column: str) -> list[tuple[int, list[di
 
 def loss_figure(results: list[dict[str, Any]]) -> Figure:
     """Figure 4: best validation loss against total parameters (every run a transparent dot, a line through
-    the best of each size, a band over the better half of each size) and the train-validation gap of the
-    best run of each size."""
+    the best of each size with its final training loss dashed, a band over the better half of each size)
+    and the train-validation gap of the best run of each size."""
     fig, axes = new_figure(2, 1, panel_size=(7, 3.8), sharex=True)
     top, bottom = axes[:, 0]
     for i, (model, runs) in enumerate(_by_model(results, "best_val_loss").items()):
@@ -286,6 +286,7 @@ def loss_figure(results: list[dict[str, Any]]) -> Figure:
         n = [size for size, _ in groups]
         best = [group[0] for _, group in groups]
         top.plot(n, [r["best_val_loss"] for r in best], "o-", color=color, label=model)
+        top.plot(n, [r["final_train_loss"] for r in best], "x--", color=color, alpha=0.6, lw=1)
         upper = [group[max(0, math.ceil(len(group) / 2) - 1)]["best_val_loss"] for _, group in groups]
         top.fill_between(n, [r["best_val_loss"] for r in best], upper, color=color, alpha=0.15, lw=0)
         bottom.plot(n, [r["gap"] for r in best], "o-", color=color, label=model)
@@ -317,8 +318,8 @@ def sweep_blocks(sweep_dir: Path) -> list[Block]:
         blocks += ["## Validation loss against size (Figure 4)",
                    Image("figure4", png_bytes(loss_figure(language)),
                          "Best validation loss against total parameters: dots every run, lines the best run of "
-                         "each size, bands the better half of the runs of each size (top); final validation minus "
-                         "training loss of the best run of each size (bottom)")]
+                         "each size (dashed: its final training loss), bands the better half of the runs of each "
+                         "size (top); final validation minus training loss of the best run of each size (bottom)")]
     blocks += ["## Best configuration of each model (Tables 4/6)", Table(*best_table(results))]
     columns = [c for c in RUN_TABLE_COLUMNS if any(r.get(c) is not None for r in results)]
     blocks += ["## All runs", Table(columns, [[r.get(c) for c in columns] for r in results])]
