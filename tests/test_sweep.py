@@ -240,6 +240,25 @@ def test_interrupted_sweep_resumes_and_skips_finished_runs(tmp_path, chars_dir):
     assert "accuracy" not in r
 
 
+def test_a_diverged_run_is_recorded_and_the_sweep_goes_on(tmp_path, chars_dir):
+    from nrgpt.report import write_report
+    from nrgpt.train import DivergenceError
+
+    def diverges_at_high_lr(config, **kw):
+        if config.train.lr > 1e-2:
+            raise DivergenceError("the loss is nan at iteration 3")
+        return fake_train(config, **kw)
+
+    body = "[grid]\nmodel.preset = ['GPT']\ntrain.lr = [1e-3, 0.1]\n[budget]\niters = 8\n"
+    sweep = load_sweep(write_sweep(tmp_path, body, data=chars_dir), out_dir=tmp_path / "sw")
+    results = {r["slug"]: r for r in run_sweep(sweep, train_fn=diverges_at_high_lr, log=lambda _: None)}
+    assert results["GPT-lr0.1"]["status"] == "diverged" and "nan" in results["GPT-lr0.1"]["error"]
+    assert results["GPT-lr0.1"]["n_params"] == results["GPT-lr0.001"]["n_params"] > 0
+    assert results["GPT-lr0.001"]["status"] == "finished"
+    assert [r["slug"] for r in best_per_model(list(results.values()))] == ["GPT-lr0.001"]
+    assert "diverged" in write_report(tmp_path / "sw")[0].read_text()
+
+
 def test_language_sweep_scores_the_best_run_of_each_model_once(tmp_path, chars_dir, monkeypatch):
     import nrgpt.evaluate
 

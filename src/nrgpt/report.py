@@ -39,7 +39,7 @@ LEVEL = 0.8  # accuracy that marks the "transition to learning" (Figure 3)
 # Crossings of 80% reported by the paper (Figure 3), for comparison.
 PAPER_CROSSINGS = {"GPT_Rec_parallel": 2.3e4, "NRGPT_H_FF1": 2.4e4, "NRGPT_H_FF2W": 2.98e4}
 RUN_TABLE_COLUMNS = (
-    "slug", "n_params", "iters", "minutes", "best_val_loss", "final_train_loss", "final_val_loss", "gap",
+    "slug", "status", "n_params", "iters", "minutes", "best_val_loss", "final_train_loss", "final_val_loss", "gap",
     "accuracy", "accuracy_heldout",
 )
 

@@ -413,6 +413,7 @@ def dump_toml(data: dict[str, Any]) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -449,10 +450,12 @@ def run_sweep(sweep: Sweep, shard: tuple[int, int] = (0, 1), train_fn: TrainFn |
     """Train and evaluate every unfinished point of this shard, one after another, then write the tables.
 
     ``train_fn(config, resume=..., quiet=...)`` defaults to ``nrgpt.train.train``; a run with a ``last``
-    checkpoint is resumed. A run stopped by a signal (Ctrl-C) stops the sweep, unfinished. Returns the
-    results of all finished runs of the sweep directory (``collect_results``).
+    checkpoint is resumed. A run stopped by a signal (Ctrl-C) stops the sweep, unfinished. A run whose
+    loss diverges is finished with status 'diverged' and no losses (delete its directory to retry it).
+    Returns the results of all finished runs of the sweep directory (``collect_results``).
     """
     from .checkpoint import find
+    from .train import DivergenceError
 
     if train_fn is None:
         from .train import train as train_fn
@@ -465,11 +468,15 @@ def run_sweep(sweep: Sweep, shard: tuple[int, int] = (0, 1), train_fn: TrainFn |
             continue
         resume = find(point.run_dir / "last") is not None
         log(f"{tag}: {'resuming' if resume else 'training'}")
-        summary = train_fn(point.config, resume=resume, quiet=quiet)
-        if summary.get("status") == "interrupted":
-            log(f"{tag}: interrupted; run the sweep again to resume it")
-            break
-        result = evaluate_point(point, summary, sweep.eval)
+        try:
+            summary = train_fn(point.config, resume=resume, quiet=quiet)
+        except DivergenceError as e:
+            result = {**describe_point(point), "status": "diverged", "error": str(e)}
+        else:
+            if summary.get("status") == "interrupted":
+                log(f"{tag}: interrupted; run the sweep again to resume it")
+                break
+            result = evaluate_point(point, summary, sweep.eval)
         _write_atomic(point.run_dir / RESULT, json.dumps(result, indent=2) + "\n")
         log(f"{tag}: {_headline(result)}")
     results = collect_results(sweep.out_dir)
@@ -481,7 +488,7 @@ def run_sweep(sweep: Sweep, shard: tuple[int, int] = (0, 1), train_fn: TrainFn |
 
 
 def _headline(result: dict[str, Any]) -> str:
-    keys = ("n_params", "best_val_loss", "gap", "accuracy", "minutes")
+    keys = ("status", "n_params", "best_val_loss", "gap", "accuracy", "minutes")
     return ", ".join(f"{k} {format_cell(result[k])}" for k in keys if result.get(k) is not None)
 
 
@@ -499,26 +506,38 @@ def loss_summary(run_dir: str | Path) -> dict[str, Any]:
     }
 
 
-def evaluate_point(point: Point, summary: dict[str, Any], spec: EvalSpec) -> dict[str, Any]:
-    """The result record of a trained run: grid values, size, budget used, losses and (ListOps) accuracy."""
-    from .checkpoint import load_model
-    from .train import pick_device
+def describe_point(point: Point) -> dict[str, Any]:
+    """The start of a run's row: slug, kind of sweep (from the dataset), the config columns as resolved,
+    the other grid values, and total parameters."""
+    from .model import build_model
 
-    model, config = load_model(point.run_dir, device=pick_device(point.config.system.device), which="best")
-    kind = "listops" if load_meta(config.data.dir)["kind"] == "listops" else "language"
-    data = config.to_dict()
-    flat = _flatten({k: data[k] for k in ("model", "train")})
-    record: dict[str, Any] = {"slug": point.slug, "kind": kind}
+    config = point.config
+    meta = load_meta(config.data.dir)
+    model_config = config.model_config(meta["vocab_size"])
+    flat = _flatten({"model": {"preset": config.model["preset"], **model_config.to_dict()},
+                     "train": config.to_dict()["train"]})
+    record: dict[str, Any] = {"slug": point.slug, "kind": "listops" if meta["kind"] == "listops" else "language"}
     record.update({column: flat.get(key) for column, key in CONFIG_COLUMNS.items()})
     record.update({k: v for k, v in point.settings.items() if k not in CONFIG_COLUMNS.values()})
-    record["n_params"] = model.num_params()
+    record["n_params"] = build_model(model_config).num_params()
+    return record
+
+
+def evaluate_point(point: Point, summary: dict[str, Any], spec: EvalSpec) -> dict[str, Any]:
+    """The row of a trained run: ``describe_point``, the budget used, losses and (ListOps) accuracy of its
+    best checkpoint."""
+    record = describe_point(point)
+    record["status"] = "finished"
     record["iters"] = summary["iters"]
     record["minutes"] = summary["elapsed_s"] / 60
     record["ms_per_iter"] = 1000 * summary["elapsed_s"] / max(summary["iters"], 1)
     record.update(loss_summary(point.run_dir))
-    if kind == "listops":
+    if record["kind"] == "listops":
+        from .checkpoint import load_model
         from .evaluate import listops_accuracy
+        from .train import pick_device
 
+        model, config = load_model(point.run_dir, device=pick_device(point.config.system.device), which="best")
         acc = listops_accuracy(model, config.data.dir, max_samples=spec.listops_samples or None)
         record["accuracy"] = acc["overall"]
         record["accuracy_heldout"] = acc.get("heldout")
