@@ -53,13 +53,17 @@ class ReportError(ConfigError):
 
 @dataclass
 class Table:
+    """A table of a report; cells are formatted by ``format_cell``."""
+
     headers: list[str]
     rows: list[list[Any]]
 
 
 @dataclass
 class Image:
-    name: str  # file stem, unique within the report
+    """A figure of a report: PNG bytes, a file stem unique within the report, and a caption."""
+
+    name: str
     png: bytes
     caption: str
 
@@ -75,6 +79,7 @@ def html_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def render_markdown(title: str, blocks: list[Block], files_dir: str) -> str:
+    """The Markdown page; figures are linked as ``files_dir/<name>.png``."""
     parts = [f"# {title}\n"]
     for block in blocks:
         if isinstance(block, Table):
@@ -93,6 +98,7 @@ _STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-hei
 
 
 def render_html(title: str, blocks: list[Block]) -> str:
+    """The self-contained HTML page; figures are embedded as base64 data URIs."""
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
     for block in blocks:
