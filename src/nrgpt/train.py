@@ -288,12 +288,15 @@ class Trainer:
             torch.manual_seed(self.config.train.seed + self.dist.rank + state["iter"])
 
     def _draw_eval_batches(self, block_size: int) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
-        tc = self.config.train
+        """This rank's slices of ``eval_iters`` global batches per split, drawn once from EVAL_SEED."""
+        b, r = self.config.train.batch_size, self.dist.rank
         batches = {}
         for split in ("train", "val"):
             stream = self.train_stream if split == "train" else TokenStream(self.config.data.dir, "val")
             gen = torch.Generator().manual_seed(EVAL_SEED)
-            batches[split] = [stream.get_batch(tc.batch_size, block_size, gen) for _ in range(tc.eval_iters)]
+            drawn = (stream.get_batch(b * self.dist.world_size, block_size, gen)
+                     for _ in range(self.config.train.eval_iters))
+            batches[split] = [(x[r * b:(r + 1) * b], y[r * b:(r + 1) * b]) for x, y in drawn]
         return batches
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -339,17 +342,17 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over the fixed batches of each split (shared out over the ranks)."""
+        """Mean loss over the fixed batches of each split (each rank evaluates its slice of every batch)."""
         self.module.eval()
         out = {}
         for split, batches in self.eval_batches.items():
-            acc = torch.zeros(2, dtype=torch.float64, device=self.device)
-            for x, y in batches[self.dist.rank::self.dist.world_size]:
+            total = torch.zeros((), dtype=torch.float64, device=self.device)
+            for x, y in batches:
                 with self._autocast():
                     _, loss = self.module(self._to_device(x), self._to_device(y))
-                acc += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=self.device)])
-            acc = distributed.all_sum(acc)
-            out[f"{split}_loss"] = (acc[0] / acc[1]).item()
+                total += loss.double()
+            count = len(batches) * self.dist.world_size
+            out[f"{split}_loss"] = (distributed.all_sum(total) / count).item()
         self.module.train()
         return out
 

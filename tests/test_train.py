@@ -1,0 +1,194 @@
+"""Training: the loop learns, resumes bitwise after SIGKILL, stops on divergence and on its time budget.
+
+The helpers at the top (a tiny character dataset and a tiny run configuration) are shared with the
+other test modules of training, checkpoints, the CLI and DDP.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from nrgpt import checkpoint
+from nrgpt.config import ConfigError
+from nrgpt.data import prepare_shakespeare_char
+from nrgpt.runconfig import RunConfig, resolve_config
+from nrgpt.train import DivergenceError, lr_at, make_optimizer, train
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "the king and queen of a fair town shall speak to thee my lord good night sweet prince".split()
+
+# A model and run small enough to train in about a second.
+TINY = [
+    "model.preset=NRGPT_H_FF2W", "model.n_embd=16", "model.n_head=1", "model.n_steps=2", "model.block_size=16",
+    "train.batch_size=8", "train.max_iters=40", "train.warmup_iters=5", "train.lr=1e-2", "train.min_lr=1e-3",
+    "train.eval_interval=10", "train.eval_iters=4", "log.interval=1", "log.progress=false", "system.device=cpu",
+]
+
+
+def make_text_data(out_dir: Path, n_lines: int = 1500) -> Path:
+    """A small learnable character corpus (random sentences over a few words) as a prepared dataset."""
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))).capitalize() + "." for _ in range(n_lines)]
+    source = out_dir.with_suffix(".txt")
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "not the usual Tiny Shakespeare"
+        return prepare_shakespeare_char(out_dir, source=source)
+
+
+def tiny_config(data_dir: Path, out_dir: Path, *overrides: str) -> RunConfig:
+    return resolve_config(None, [*TINY, f"data.dir={data_dir}", f"out_dir={out_dir}", *overrides])
+
+
+def tiny_args(data_dir: Path, out_dir: Path, *overrides: str) -> list[str]:
+    """The same as command-line arguments."""
+    return [a for item in [*TINY, f"data.dir={data_dir}", f"out_dir={out_dir}", *overrides] for a in ("--set", item)]
+
+
+def run_nrgpt(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """``python -m nrgpt ...`` in a subprocess (one CPU thread)."""
+    return subprocess.run([sys.executable, "-m", "nrgpt", *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kwargs)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return make_text_data(tmp_path_factory.mktemp("data") / "text")
+
+
+# ------------------------------------------------------------------------------------------ pieces
+
+
+def test_lr_schedule():
+    tc = resolve_config(None, ["train.lr=1.0", "train.min_lr=0.01", "train.warmup_iters=10",
+                               "train.max_iters=110"]).train
+    assert lr_at(0, tc) == pytest.approx(1 / 11) and lr_at(9, tc) == pytest.approx(10 / 11)
+    assert lr_at(10, tc) == pytest.approx(1.0) and lr_at(110, tc) == pytest.approx(0.01)
+    assert lr_at(60, tc) == pytest.approx(0.505)  # cosine: halfway between
+    tc.schedule = "exponential"
+    assert lr_at(60, tc) == pytest.approx(0.1) and lr_at(110, tc) == pytest.approx(0.01)
+    tc.schedule = "constant"
+    assert lr_at(100, tc) == 1.0
+
+
+def test_weight_decay_only_on_matrices():
+    from nrgpt import ModelConfig, build_model
+
+    model = build_model(ModelConfig.preset("NRGPT_P_FF2W", n_embd=16, n_head=2, n_steps=2, block_size=8))
+    tc = resolve_config(None, ["train.weight_decay=0.1"]).train
+    decay, no_decay = make_optimizer(model, tc, torch.device("cpu")).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in no_decay["params"]} >= {"block.norm.bias", "block.attn.alpha", "block.eta.log_c"}
+    assert {names[id(p)] for p in decay["params"]} >= {"tok_emb.weight", "block.attn.query", "block.ff.fc1.weight"}
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+def test_short_run_learns_and_writes_its_run_dir(data_dir, tmp_path):
+    run = tmp_path / "run"
+    result = train(tiny_config(data_dir, run, "train.max_iters=60"), quiet=True)
+    assert result["status"] == "finished" and result["iters"] == 60 and result["reason"] == "max_iters"
+    evals = [r for r in records(run) if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 10, 20, 30, 40, 50, 60]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.8  # from ~ln(vocab) = 3.3 to well below
+    assert result["best_val_loss"] == min(r["val_loss"] for r in evals)
+    steps = [r for r in records(run) if "loss" in r]
+    assert [r["iter"] for r in steps] == list(range(60))
+    assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in steps)
+    assert (run / "metrics.csv").read_text().splitlines()[0] == "iter,loss,lr,tokens_per_s,elapsed,train_loss,val_loss"
+    assert json.loads((run / "result.json").read_text()) == result
+    saved = RunConfig.load(run / "config.json")
+    assert saved.model["vocab_size"] == json.loads((data_dir / "meta.json").read_text())["vocab_size"]
+    assert checkpoint.read_info(run / "last")["iter"] == 60
+    assert checkpoint.read_info(run / "best")["val_loss"] == result["best_val_loss"]
+    model, config = checkpoint.load_model(run)
+    assert config.to_dict() == saved.to_dict() and not model.training
+
+
+def test_existing_run_needs_resume_or_overwrite(data_dir, tmp_path):
+    config = tiny_config(data_dir, tmp_path / "run", "train.max_iters=2")
+    train(config, quiet=True)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(config, quiet=True)
+    assert train(config, overwrite=True, quiet=True)["iters"] == 2
+
+
+def test_time_budget_stops_cleanly(data_dir, tmp_path):
+    run = tmp_path / "run"
+    result = train(tiny_config(data_dir, run, "train.max_iters=100000", "train.max_minutes=0.002"), quiet=True)
+    assert result["status"] == "finished" and result["reason"] == "max_minutes" and result["iters"] < 100000
+    assert checkpoint.read_info(run / "last")["iter"] == result["iters"]
+    assert records(run)[-1]["iter"] == result["iters"] and "val_loss" in records(run)[-1]
+
+
+def test_resume_continues_bitwise_after_sigkill(data_dir, tmp_path):
+    """A run killed with SIGKILL after writing a checkpoint, then resumed, logs exactly the losses of an
+    uninterrupted run (dropout on, so the RNG state matters too)."""
+    args = ["train", *tiny_args(data_dir, tmp_path / "x", "train.max_iters=300", "model.dropout=0.1")]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert run_nrgpt(*args, "--out-dir", str(full)).returncode == 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "nrgpt", *args, "--out-dir", str(killed)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        found = checkpoint.find(killed / "last")
+        if found is not None and checkpoint.read_info(found)["iter"] >= 20:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    at = checkpoint.read_info(checkpoint.find(killed / "last"))["iter"]
+    assert 20 <= at < 300 and not (killed / "result.json").exists()
+
+    resumed = run_nrgpt("train", "--resume", "--out-dir", str(killed))
+    assert resumed.returncode == 0, resumed.stderr
+    got, want = records(killed), records(full)
+    strip = [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in (*got, *want)]
+    assert strip[:len(got)] == strip[len(got):]  # every loss, lr and eval loss bitwise equal, no duplicates
+    assert json.loads((killed / "result.json").read_text())["val_loss"] == records(full)[-1]["val_loss"]
+
+
+def test_divergence_stops_with_last_good_checkpoint_intact(data_dir, tmp_path):
+    run = tmp_path / "run"
+    assert run_nrgpt("train", *tiny_args(data_dir, run, "train.max_iters=20")).returncode == 0
+    before = checkpoint.load_weights(run / "last")
+    proc = run_nrgpt("train", "--resume", "--out-dir", str(run), "--set", "train.lr=1e30", "--set",
+                     "train.max_iters=40", "--set", "train.warmup_iters=0")
+    assert proc.returncode == 1
+    error = proc.stderr.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("nrgpt: error: training diverged at iter 2")  # iter 20 or 21
+    assert "last good checkpoint" in error[0]
+    assert checkpoint.read_info(run / "last")["iter"] == 20
+    after = checkpoint.load_weights(run / "last")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    model, _ = checkpoint.load_model(run, which="last")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert json.loads((run / "result.json").read_text())["status"] == "diverged"
+
+
+def test_divergence_in_process_raises(data_dir, tmp_path):
+    with pytest.raises(DivergenceError, match="not finite"):
+        train(tiny_config(data_dir, tmp_path / "run", "train.lr=1e30", "train.warmup_iters=0"), quiet=True)
+    assert math.isfinite(checkpoint.read_info(tmp_path / "run" / "last")["val_loss"])  # the iter-0 checkpoint
