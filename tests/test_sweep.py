@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from nrgpt.cli import main
 from nrgpt.data import prepare_listops, prepare_shakespeare_char
@@ -36,6 +37,7 @@ train.eval_interval = 4
 train.eval_iters = 1
 train.warmup_iters = 1
 system.device = "cpu"
+system.threads = 1
 log.progress = false
 """
 
@@ -55,6 +57,14 @@ lr = [{train.lr = 1e-3, train.min_lr = 1e-4}, {train.lr = 3e-4, train.min_lr = 2
 [budget]
 iters = 8
 """
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Runs set torch's thread count (system.threads = 1); give the next test the count it had."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
