@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import io
 import itertools
 import json
@@ -160,6 +161,7 @@ class Point:
 
     @property
     def run_dir(self) -> Path:
+        """``<sweep out_dir>/runs/<slug>``."""
         return Path(self.config.out_dir)
 
 
@@ -180,16 +182,12 @@ class Sweep:
         """The resolved sweep as written to ``sweep.toml``."""
         return {
             "name": self.name, "out_dir": str(self.out_dir), "base": self.base, "grid": self.grid,
-            "budget": _nonzero(self.budget), "eval": _nonzero(self.eval),
+            "budget": dataclasses.asdict(self.budget), "eval": dataclasses.asdict(self.eval),
         }
 
     def shard(self, index: int, count: int) -> list[Point]:
         """Every ``count``-th point starting at ``index``."""
         return self.points[index::count]
-
-
-def _nonzero(obj: Any) -> dict[str, Any]:
-    return {f.name: getattr(obj, f.name) for f in fields(obj) if getattr(obj, f.name)}
 
 
 def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -425,8 +423,10 @@ def prepare_sweep_dir(sweep: Sweep) -> Path:
     spec_path = sweep.out_dir / SPEC
     if spec_path.is_file():
         old = tomllib.loads(spec_path.read_text(encoding="utf-8"))
+        defaults = {"base": {}, "budget": dataclasses.asdict(Budget())}  # budget keys left out are unset
         for section in ("base", "budget"):
-            before, after = _flatten(old.get(section, {})), _flatten(sweep.spec()[section])
+            before = _flatten({**defaults[section], **old.get(section, {})})
+            after = _flatten(sweep.spec()[section])
             changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
             if changed:
                 raise SweepError(f"{sweep.out_dir} holds a sweep with a different {section} ({section}.{changed[0]}: "
