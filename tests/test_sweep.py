@@ -124,8 +124,14 @@ def test_extends_replaces_axes_and_keeps_the_rest(tmp_path):
 
 
 def test_resolved_sweep_toml_round_trips(tmp_path):
-    sweep = load_sweep(write_sweep(tmp_path, GRID))
+    sweep = load_sweep(write_sweep(tmp_path, GRID + "[eval]\nlistops_samples = 0\n"))
     assert tomllib.loads(dump_toml(sweep.spec())) == sweep.spec()
+    resolved = tmp_path / "resolved" / "sweep.toml"
+    resolved.parent.mkdir()
+    resolved.write_text(dump_toml(sweep.spec()))
+    again = load_sweep(resolved)  # a sweep directory's sweep.toml runs the same sweep
+    assert again.spec() == sweep.spec() and again.eval.listops_samples == 0
+    assert [p.config for p in again.points] == [p.config for p in sweep.points]
 
 
 @pytest.mark.parametrize("body, message", [
