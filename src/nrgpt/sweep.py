@@ -179,9 +179,10 @@ class Sweep:
     points: list[Point] = field(default_factory=list)
 
     def spec(self) -> dict[str, Any]:
-        """The resolved sweep as written to ``sweep.toml``."""
+        """The resolved sweep as written to ``sweep.toml``; the grid as dotted keys, in axis order (TOML
+        writes a table's plain keys before its sub-tables, which would reorder nested axes)."""
         return {
-            "name": self.name, "out_dir": str(self.out_dir), "base": self.base, "grid": self.grid,
+            "name": self.name, "out_dir": str(self.out_dir), "base": self.base, "grid": _flatten(self.grid),
             "budget": dataclasses.asdict(self.budget), "eval": dataclasses.asdict(self.eval),
         }
 
@@ -393,7 +394,8 @@ def _toml_value(value: Any) -> str:
 
 
 def _toml_lines(data: dict[str, Any], name: str) -> list[str]:
-    scalars = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    scalars = [f"{'.'.join(map(_toml_key, k.split('.')))} = {_toml_value(v)}"
+               for k, v in data.items() if not isinstance(v, dict)]
     tables = [(k, v) for k, v in data.items() if isinstance(v, dict)]
     lines = ["", f"[{name}]"] if name and (scalars or not tables) else []
     lines += scalars
@@ -403,7 +405,8 @@ def _toml_lines(data: dict[str, Any], name: str) -> list[str]:
 
 
 def dump_toml(data: dict[str, Any]) -> str:
-    """A nested dict of TOML-able values as TOML text: a [table] per dict, its scalars and lists first."""
+    """A nested dict of TOML-able values as TOML text: a [table] per dict, its scalars and lists first; a
+    key with dots is written as a dotted key (``model.n_embd = [...]`` for a flattened grid)."""
     return "\n".join(_toml_lines(data, "")).lstrip("\n") + "\n"
 
 
