@@ -6,6 +6,7 @@ other test modules of training, checkpoints, the CLI and DDP.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -192,3 +193,12 @@ def test_divergence_in_process_raises(data_dir, tmp_path):
     with pytest.raises(DivergenceError, match="not finite"):
         train(tiny_config(data_dir, tmp_path / "run", "train.lr=1e30", "train.warmup_iters=0"), quiet=True)
     assert math.isfinite(checkpoint.read_info(tmp_path / "run" / "last")["val_loss"])  # the iter-0 checkpoint
+
+
+@pytest.mark.parametrize("package", ["tensorboard", "wandb"])
+def test_optional_logger_absent_is_a_config_error(data_dir, tmp_path, package):
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed")
+    with pytest.raises(ConfigError, match=rf"needs the {package} package: pip install 'nrgpt\[{package}\]'"):
+        train(tiny_config(data_dir, tmp_path / "run", f"log.{package}=true"), quiet=True)
+    assert not (tmp_path / "run").exists()

@@ -209,7 +209,7 @@ class Trainer:
         self.dist = distributed.from_env()
         self.main = self.dist.is_main
         self.quiet = quiet or not self.main
-        model_config, self.meta = check_run(config)
+        model_config, _ = check_run(config)
         self.device = pick_device(config.system.device, self.dist.local_rank)
         self.amp_dtype = autocast_dtype(config.system.dtype, self.device)
         _require_optional(config)
