@@ -202,3 +202,20 @@ def test_optional_logger_absent_is_a_config_error(data_dir, tmp_path, package):
     with pytest.raises(ConfigError, match=rf"needs the {package} package: pip install 'nrgpt\[{package}\]'"):
         train(tiny_config(data_dir, tmp_path / "run", f"log.{package}=true"), quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_sigint_checkpoints_and_exits_130(data_dir, tmp_path):
+    run = tmp_path / "run"
+    args = tiny_args(data_dir, run, "train.max_iters=100000")
+    proc = subprocess.Popen([sys.executable, "-m", "nrgpt", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and checkpoint.find(run / "last") is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "continue with: nrgpt train --resume" in err and "Traceback" not in err
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "interrupted" and result["reason"] == "signal"
+    assert checkpoint.read_info(run / "last")["iter"] == result["iters"] > 0

@@ -154,6 +154,10 @@ def quickstart(args: argparse.Namespace) -> int:
         print(f"preparing Tiny Shakespeare characters in {config.data.dir}")
         data.prepare_shakespeare_char(config.data.dir)
     result = train(config, resume=args.resume, overwrite=not args.resume)
+    if result["status"] == "interrupted":
+        print(f"interrupted at iter {result['iters']} (checkpoint saved); continue by running the same command "
+              "with --resume", file=sys.stderr)
+        return 130
     model, config = load_model(config.out_dir)
     loss, tokens = split_loss(model, config.data.dir, "val", 64)
     tokenizer = data.load_tokenizer(config.data.dir)
