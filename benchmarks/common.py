@@ -1,0 +1,256 @@
+"""Shared helpers for the benchmark scripts: timing, tables, JSON, machine description, models.
+
+Every script measures its variants side by side in one process: the repetitions of the variants
+are interleaved (variant order rotated each round) and the median is taken, so a slow phase of the
+shared machine hits every variant alike and the ratios stay meaningful even when absolute times
+drift.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Quieten the profiler's C++ logging (must be set before torch is imported).
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import shlex  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+
+from nrgpt import ModelConfig, build_model  # noqa: E402
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PAPER_SHAPE = dict(n_embd=128, n_head=1, n_steps=8, block_size=256, vocab_size=65)
+PAPER_BATCH = 16
+TRAIN_PRESETS = ("NRGPT_H_FF2W", "NRGPT_H_FF1", "GPT_Rec_parallel", "GPT")
+
+
+# ------------------------------------------------------------------------------------ arguments
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="smaller shapes / fewer repetitions (~2 min for all)")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per variant (default per script)")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the JSON results")
+    return p
+
+
+def setup(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+
+def command_line() -> str:
+    """The command that ran this script, relative to the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(Path(__file__).resolve().parent.parent)
+    except ValueError:
+        pass
+    return shlex.join(["python", str(script), *sys.argv[1:]])
+
+
+# ------------------------------------------------------------------------------------ machine
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "cpu_model": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+# ------------------------------------------------------------------------------------ timing
+def timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleave(variants: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each variant: ``warmup`` untimed calls each, then ``reps`` rounds in
+    which every variant runs once, the order rotated each round."""
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            times[name].append(timed(variants[name]))
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def stats(xs: list[float]) -> dict[str, Any]:
+    return {"median": median(xs), "min": min(xs), "max": max(xs), "n": len(xs), "all": xs}
+
+
+# ------------------------------------------------------------------------------------ models
+def build(preset: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(ModelConfig.preset(preset, **overrides))
+
+
+def clone(model: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(model)
+
+
+def batch(vocab: int, b: int, t: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (b, t + 1), generator=g)
+    return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+
+def use_autograd_energy_grad(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace the closed-form hot path by autograd of the energy (per instance)."""
+    block = model.block
+    block.energy_grad = lambda g, cache=None, step=0: block.energy_grad_autograd(g)
+    return model
+
+
+def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 1e-3) -> Callable[[], float]:
+    """A closure doing one training step: forward, loss, backward, AdamW step."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+def param_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------ memory
+def peak_memory(fn: Callable[[], Any]) -> int:
+    """Peak bytes of CPU tensors allocated during ``fn()`` and alive at the same time.
+
+    Method: run ``fn`` once under ``torch.profiler`` with ``profile_memory=True``. Every CPU
+    allocation/free then reports, besides its size, the allocator's running total of bytes
+    allocated since profiling began and not yet freed (frees of older tensors are not counted).
+    The maximum of that running total is the step's high-water mark of live tensor memory:
+    activations saved for backward, gradients (set to None before the step), optimizer
+    temporaries. It excludes what existed before (parameters, AdamW states) and allocator
+    overhead/fragmentation, and it is deterministic, unlike RSS deltas.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    peak = 0
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        ef = e.extra_fields
+        if type(ef).__name__ == "_ExtraFields_Allocation" and str(ef.device).startswith("cpu"):
+            peak = max(peak, ef.total_allocated)
+        stack.extend(e.children)
+    return peak
+
+
+# ------------------------------------------------------------------------------------ matmul peak
+def matmul_peak(sizes: tuple[int, ...], reps: int) -> dict[str, Any]:
+    """Best-of-``reps`` float32 GFLOP/s of square torch.mm at each size (current thread count)."""
+    per_size = {}
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        c = torch.empty(n, n)
+        torch.mm(a, b, out=c)  # warm-up
+        best = min(timed(lambda a=a, b=b, c=c: torch.mm(a, b, out=c)) for _ in range(reps))
+        per_size[str(n)] = 2 * n**3 / best / 1e9
+    return {"gflops_per_size": per_size, "peak_gflops": max(per_size.values()), "reps": reps}
+
+
+# ------------------------------------------------------------------------------------ output
+def fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if abs(v) >= 100:
+            return f"{v:,.0f}"
+        if abs(v) >= 10:
+            return f"{v:.1f}"
+        return f"{v:.3g}"
+    return str(v)
+
+
+def table(headers: list[str], rows: list[list[Any]], title: str | None = None) -> str:
+    """A GitHub-markdown table (also readable as plain text)."""
+    cells = [[fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda cs: "| " + " | ".join(c.ljust(w) for c, w in zip(cs, widths)) + " |"  # noqa: E731
+    out = [] if title is None else [f"**{title}**", ""]
+    out += [line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)]
+    return "\n".join(out)
+
+
+def target(name: str, value: float, op: str, threshold: float, note: str = "") -> dict[str, Any]:
+    met = value <= threshold if op == "<=" else value >= threshold
+    return {"name": name, "value": value, "op": op, "threshold": threshold, "met": bool(met), "note": note}
+
+
+def targets_table(targets: list[dict[str, Any]]) -> str:
+    rows = [[t["name"], t["value"], f"{t['op']} {t['threshold']}", "MET" if t["met"] else "MISSED", t["note"]]
+            for t in targets]
+    return table(["target", "measured", "required", "status", "note"], rows)
+
+
+def finish(name: str, args: argparse.Namespace, results: dict[str, Any], tables: list[str],
+           targets: list[dict[str, Any]] | None = None) -> Path:
+    """Print the tables and targets, write ``<out>/<name>.json``; returns its path."""
+    targets = targets or []
+    text = "\n\n".join(tables + ([targets_table(targets)] if targets else []))
+    print(text, flush=True)
+    payload = {
+        "benchmark": name,
+        "command": command_line(),
+        "quick": bool(getattr(args, "quick", False)),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": machine_info(),
+        "results": results,
+        "targets": targets,
+        "markdown": text,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    print(f"\nwrote {path}", flush=True)
+    return path
