@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 from common import (
+    COMPILED,
     PAPER_BATCH,
     PAPER_SHAPE,
     TRAIN_PRESETS,
@@ -113,7 +114,7 @@ def main() -> None:
         times = interleave(steps, reps=reps, warmup=1)
         for name, mdl in models.items():
             fwd = forward_flops(mdl.config, bsz, t)
-            check = counted_flops(mdl, 1, t) * bsz / (3 * fwd["other"])
+            check = None if name.endswith(COMPILED) else counted_flops(mdl, 1, t) * bsz / (3 * fwd["other"])
             rows_raw.append({"n_embd": d, "preset": name, "batch": bsz, "block": t, "step_s": stats(times[name]),
                              "forward_flops": fwd, "step_flops": 3 * (fwd["sdpa"] + fwd["other"]),
                              "flop_counter_check": check})
@@ -125,6 +126,8 @@ def main() -> None:
     by_key = {(r["n_embd"], r["preset"]): r for r in rows_raw}
     for r in rows_raw:
         base = by_key.get((r["n_embd"], BASELINE))
+        fastest = min((b for b in (base, by_key.get((r["n_embd"], BASELINE + COMPILED))) if b),
+                      key=lambda b: b["step_s"]["median"], default=None)
         sec = r["step_s"]["median"]
         r["achieved_gflops"] = r["step_flops"] / sec / 1e9
         r["fraction_of_peak"] = r["achieved_gflops"] / peak
@@ -134,13 +137,10 @@ def main() -> None:
                      r["achieved_gflops"], 100 * r["fraction_of_peak"], r["flop_ratio_vs_" + BASELINE],
                      r["time_ratio_vs_" + BASELINE]])
         d, name = r["n_embd"], r["preset"]
-        if base is not None and name == "NRGPT_H_FF2W":
-            targets.append(target(f"n_embd {d}: NRGPT_H_FF2W step / {BASELINE} step",
-                                  r["time_ratio_vs_" + BASELINE], "<=", 1.4,
-                                  f"FLOP ratio {r['flop_ratio_vs_' + BASELINE]:.2f}"))
-        if base is not None and name == "NRGPT_H_FF1":
-            targets.append(target(f"n_embd {d}: NRGPT_H_FF1 step / {BASELINE} step",
-                                  r["time_ratio_vs_" + BASELINE], "<=", 0.95,
+        bound = {"NRGPT_H_FF2W": 1.4, "NRGPT_H_FF1": 0.95}.get(name.removesuffix(COMPILED))
+        if fastest is not None and bound is not None:  # against the baseline at its fastest (eager or compiled)
+            targets.append(target(f"n_embd {d}: {name} step / fastest {fastest['preset']} step",
+                                  sec / fastest["step_s"]["median"], "<=", bound,
                                   f"FLOP ratio {r['flop_ratio_vs_' + BASELINE]:.2f}"))
         if d >= 256:
             targets.append(target(f"n_embd {d}: {name} fraction of matmul peak", r["fraction_of_peak"], ">=", 0.65))

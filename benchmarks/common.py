@@ -34,7 +34,9 @@ from nrgpt import ModelConfig, build_model  # noqa: E402
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PAPER_SHAPE = dict(n_embd=128, n_head=1, n_steps=8, block_size=256, vocab_size=65)
 PAPER_BATCH = 16
-TRAIN_PRESETS = ("NRGPT_H_FF2W", "NRGPT_H_FF1", "GPT_Rec_parallel", "GPT")
+TRAIN_PRESETS = ("NRGPT_H_FF2W", "NRGPT_H_FF1", "GPT_Rec_parallel", "GPT",
+                 "NRGPT_H_FF2W+compile", "NRGPT_H_FF1+compile", "GPT_Rec_parallel+compile")
+COMPILED = "+compile"  # a preset name with this suffix: the model with ``compile_steps()`` (system.compile)
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -119,8 +121,12 @@ def stats(xs: list[float]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ models
 def build(preset: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """The preset's model; ``NAME+compile``: with its steps compiled (what ``--compile`` trains)."""
     torch.manual_seed(seed)
-    return build_model(ModelConfig.preset(preset, **overrides))
+    model = build_model(ModelConfig.preset(preset.removesuffix(COMPILED), **overrides))
+    if preset.endswith(COMPILED):
+        model.compile_steps()
+    return model
 
 
 def clone(model: torch.nn.Module) -> torch.nn.Module:
@@ -201,6 +207,8 @@ def matmul_peak(sizes: tuple[int, ...], reps: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ output
 def fmt(v: Any) -> str:
+    if v is None:
+        return "-"
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):

@@ -191,6 +191,14 @@ class EnergyBlock(nn.Module):
         self.ff = FFEnergy(config)
         self.ff_scale = nn.Parameter(torch.ones(1)) if config.ff_scale else None
         self.eta = InferenceRate(config, self.norm)
+        self.compiled_grad = None  # set by compile_steps
+
+    def compile_steps(self, **options) -> None:
+        """Use ``torch.compile(energy_grad)`` for whole-sequence calls (training, evaluation): it fuses
+        the elementwise work around the matmuls (the GELU and its first and second derivatives) into a
+        few kernels. Only the gradient is compiled: it does not depend on the step index, so one graph
+        serves every step; cached decoding (shapes change every token) stays eager."""
+        self.compiled_grad = torch.compile(self.energy_grad, **options)
 
     def _s(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.ff_scale is None else self.ff_scale * t
@@ -229,4 +237,7 @@ class EnergyBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, step: int = 0, cache: KVCache | None = None) -> torch.Tensor:
         """One step of energy descent (eq. 6)."""
-        return x - self.eta(self.energy_grad(self.norm(x), cache, step), step)
+        g = self.norm(x)
+        if cache is None and self.compiled_grad is not None:
+            return x - self.eta(self.compiled_grad(g), step)
+        return x - self.eta(self.energy_grad(g, cache, step), step)

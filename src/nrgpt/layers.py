@@ -199,8 +199,18 @@ class TransformerBlock(nn.Module):
         self.parallel = parallel
         self.ln1, self.ln2 = nn.LayerNorm(config.n_embd), nn.LayerNorm(config.n_embd)
         self.attn, self.mlp = SelfAttention(config), MLP(config)
+        self.compiled = None  # set by compile_steps
+
+    def compile_steps(self, **options) -> None:
+        """Use ``torch.compile`` of the block for whole-sequence calls; cached decoding stays eager."""
+        self.compiled = torch.compile(self.step, **options)
 
     def forward(self, x: torch.Tensor, slot: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        if cache is None and self.compiled is not None:
+            return self.compiled(x)
+        return self.step(x, slot, cache)
+
+    def step(self, x: torch.Tensor, slot: int = 0, cache: KVCache | None = None) -> torch.Tensor:
         a = self.attn(self.ln1(x), cache, slot)
         if self.parallel:
             return x + a + self.mlp(self.ln2(x))

@@ -76,6 +76,16 @@ class LanguageModel(nn.Module):
         cache.advance(idx.shape[1])
         return self.lm_head(self.ln_f(x[:, -1]))
 
+    def compile_steps(self, **options) -> None:
+        """``torch.compile`` the unit applied at every step (``system.compile``), in place; see the
+        blocks' ``compile_steps``. Compiling per step rather than the unrolled model compiles one graph
+        whatever n_steps is."""
+        for block in self.step_blocks():
+            block.compile_steps(**options)
+
+    def step_blocks(self) -> list[nn.Module]:
+        raise NotImplementedError
+
     generate = generate  # model.generate(idx, max_new_tokens, temperature, top_k, top_p, greedy, ...)
 
     def num_params(self, include_embeddings: bool = True) -> int:
@@ -111,6 +121,9 @@ class NRGPT(LanguageModel):
         self.block = EnergyBlock(config)
         self._init_weights()
 
+    def step_blocks(self) -> list[nn.Module]:
+        return [self.block]
+
     def body(self, x: torch.Tensor, cache: KVCache | None = None, n_steps: int | None = None) -> torch.Tensor:
         for t in range(self.config.n_steps if n_steps is None else n_steps):
             x = self._apply_step(self.block, x, t, cache)
@@ -144,6 +157,9 @@ class GPT(LanguageModel):
         n_blocks = config.n_steps if config.model == "gpt" else 1
         self.blocks = nn.ModuleList(TransformerBlock(config, parallel) for _ in range(n_blocks))
         self._init_weights()
+
+    def step_blocks(self) -> list[nn.Module]:
+        return list(self.blocks)
 
     def body(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         for t in range(self.config.n_steps):

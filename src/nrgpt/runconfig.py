@@ -121,8 +121,8 @@ class TrainConfig:
 @dataclass
 class SystemConfig:
     """device: 'auto' (cuda, then mps, then cpu) or one of them; dtype: 'auto' (bfloat16 autocast on a
-    GPU that supports it, else float32), 'float32' or 'bfloat16'; compile: torch.compile the model;
-    threads: CPU threads for torch (0: torch's default)."""
+    GPU that supports it, else float32), 'float32' or 'bfloat16'; compile: torch.compile the unit applied
+    at each step (``model.compile_steps``); threads: CPU threads for torch (0: torch's default)."""
 
     device: str = "auto"
     dtype: str = "auto"

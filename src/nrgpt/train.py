@@ -242,11 +242,12 @@ class Trainer:
         self.losses: dict[str, float] = {}  # of the last evaluation
         if resume_from is not None:
             self._restore(resume_from)
-        self.module = torch.compile(self.raw_model) if config.system.compile else self.raw_model
-        self.model = self.module
+        if config.system.compile:
+            self.raw_model.compile_steps()
+        self.model = self.raw_model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = torch.nn.parallel.DistributedDataParallel(self.module, device_ids=ids,
+            self.model = torch.nn.parallel.DistributedDataParallel(self.raw_model, device_ids=ids,
                                                                    broadcast_buffers=False)
         self.tokens_per_step = tc.batch_size * tc.grad_accum * self.dist.world_size * model_config.block_size
         self.bad = torch.zeros((), dtype=torch.bool, device=self.device)
@@ -343,17 +344,17 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean loss over the fixed batches of each split (each rank evaluates its slice of every batch)."""
-        self.module.eval()
+        self.raw_model.eval()
         out = {}
         for split, batches in self.eval_batches.items():
             total = torch.zeros((), dtype=torch.float64, device=self.device)
             for x, y in batches:
                 with self._autocast():
-                    _, loss = self.module(self._to_device(x), self._to_device(y))
+                    _, loss = self.raw_model(self._to_device(x), self._to_device(y))
                 total += loss.double()
             count = len(batches) * self.dist.world_size
             out[f"{split}_loss"] = (distributed.all_sum(total) / count).item()
-        self.module.train()
+        self.raw_model.train()
         return out
 
     def elapsed(self) -> float:
