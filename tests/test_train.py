@@ -219,3 +219,17 @@ def test_sigint_checkpoints_and_exits_130(data_dir, tmp_path):
     result = json.loads((run / "result.json").read_text())
     assert result["status"] == "interrupted" and result["reason"] == "signal"
     assert checkpoint.read_info(run / "last")["iter"] == result["iters"] > 0
+
+
+@pytest.mark.parametrize("overrides", [("system.compile=true",), ("system.dtype=bfloat16",)],
+                         ids=["compile", "bf16-autocast"])
+def test_compiled_and_autocast_runs_track_the_plain_run(data_dir, tmp_path, overrides):
+    """--compile (the steps compiled) and bf16 autocast (the GPU path's CPU twin) train the same model:
+    their losses follow the float32 eager run's (to float32 round-off compiled, to bf16 precision autocast)."""
+    plain = train(tiny_config(data_dir, tmp_path / "plain", "train.max_iters=20"), quiet=True)
+    other = train(tiny_config(data_dir, tmp_path / "other", "train.max_iters=20", *overrides), quiet=True)
+    a = [r["loss"] for r in records(tmp_path / "plain") if "loss" in r]
+    b = [r["loss"] for r in records(tmp_path / "other") if "loss" in r]
+    tol = 1e-4 if overrides[0].startswith("system.compile") else 0.05
+    assert len(a) == len(b) == 20 and max(abs(x - y) for x, y in zip(a, b)) < tol
+    assert abs(plain["best_val_loss"] - other["best_val_loss"]) < tol
