@@ -53,7 +53,7 @@ def measure(model: torch.nn.Module, prompt: torch.Tensor, n_new: int, reps: int,
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], gpu=True)
     p.add_argument("--contexts", type=int, nargs="+", default=None, help="context lengths (default 64 256 1024)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per run (default 32)")
@@ -70,7 +70,7 @@ def main() -> None:
         model = build(args.preset, n_embd=args.n_embd, n_head=1, n_steps=8, block_size=ctx, vocab_size=65).eval()
         for bsz in args.batches:
             g = torch.Generator().manual_seed(ctx + bsz)
-            prompt = torch.randint(0, 65, (bsz, ctx - n_new), generator=g)
+            prompt = torch.randint(0, 65, (bsz, ctx - n_new), generator=g).to(model.lm_head.weight.device)
             times, outs = measure(model, prompt, n_new, reps, warmup=0 if args.quick and ctx >= 1024 else 1)
             identical = torch.equal(outs[True], outs[False])
             identical_manual = torch.equal(outs[True], outs["manual"][2])
@@ -94,8 +94,8 @@ def main() -> None:
                                       per_tok_speedup, ">=", want,
                                       f"end-to-end incl. prefill {e2e:.1f}x (bounded by ~{n_new}x)"))
 
-    title = (f"Generation, {args.preset} n_embd {args.n_embd}, 8 steps, {n_new} new tokens after a prompt of "
-             f"context - {n_new}, greedy; median of {reps} interleaved reps")
+    title = (f"Generation ({args.device}), {args.preset} n_embd {args.n_embd}, 8 steps, {n_new} new tokens after "
+             f"a prompt of context - {n_new}, greedy; median of {reps} interleaved reps")
     tab = table(["context", "batch", "cached tok/s", "full tok/s", "end-to-end speed-up", "prefill (ms)",
                  "decode (ms/token)", "decode best (ms)", "full (ms/token)", "per-token speed-up", "identical"],
                 rows, title)

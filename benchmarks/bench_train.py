@@ -9,6 +9,7 @@ ratios are against GPT_Rec_parallel measured in the same rounds. Memory: see
 
 from __future__ import annotations
 
+import torch
 from common import (
     PAPER_BATCH,
     PAPER_SHAPE,
@@ -30,12 +31,14 @@ BASELINE = "GPT_Rec_parallel"
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], gpu=True)
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="n_embd values (default 128 256 512)")
     p.add_argument("--batch", type=int, default=None, help=f"batch size (default {PAPER_BATCH})")
     p.add_argument("--block", type=int, default=PAPER_SHAPE["block_size"], help="sequence length")
     p.add_argument("--presets", nargs="+", default=list(TRAIN_PRESETS))
     p.add_argument("--no-memory", action="store_true", help="skip the profiled memory step")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="bfloat16: forward under bf16 autocast, as `nrgpt train` does on a GPU")
     args = p.parse_args()
     setup(args)
     sizes = args.sizes or ([128, 256] if args.quick else [128, 256, 512])
@@ -48,7 +51,8 @@ def main() -> None:
         shape = {**PAPER_SHAPE, "n_embd": d, "block_size": t}
         x, y = batch(shape["vocab_size"], bsz, t)
         models = {name: build(name, **shape) for name in args.presets}
-        steps = {name: train_step(m, x, y) for name, m in models.items()}
+        amp = torch.bfloat16 if args.dtype == "bfloat16" else None
+        steps = {name: train_step(m, x, y, amp=amp) for name, m in models.items()}
         times = interleave(steps, reps=reps, warmup=1)
         mem = {} if args.no_memory else {name: peak_memory(steps[name]) for name in args.presets}
         base = stats(times[BASELINE])["median"] if BASELINE in times else None
@@ -74,11 +78,12 @@ def main() -> None:
             ])
         del models, steps
 
-    title = (f"Training step (forward + backward + AdamW), batch {bsz}, block {t}, 1 head, 8 steps; "
+    title = (f"Training step (forward + backward + AdamW), {args.device}, {args.dtype}, batch {bsz}, block {t}, "
+             "1 head, 8 steps; "
              f"median of {reps} interleaved reps")
     tab = table(["n_embd", "model", "params (M)", "step (s)", "tokens/s", f"time / {BASELINE}",
                  "peak step mem (MiB)", f"mem / {BASELINE}"], rows, title)
-    finish("train_step", args, {"rows": results, "reps": reps}, [tab])
+    finish("train_step", args, {"rows": results, "reps": reps, "device": args.device, "dtype": args.dtype}, [tab])
 
 
 if __name__ == "__main__":

@@ -40,16 +40,28 @@ COMPILED = "+compile"  # a preset name with this suffix: the model with ``compil
 
 
 # ------------------------------------------------------------------------------------ arguments
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str, gpu: bool = False) -> argparse.ArgumentParser:
+    """The shared options; ``gpu``: the script also runs on a CUDA device (``--device cuda``)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="smaller shapes / fewer repetitions (~2 min for all)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per variant (default per script)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the JSON results")
+    if gpu:
+        p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                       help="where models and data live (default cpu; cuda: timings synchronise the device)")
     return p
 
 
+DEVICE = torch.device("cpu")  # set by setup(--device); build() and batch() put models and data there
+
+
 def setup(args: argparse.Namespace) -> None:
+    global DEVICE
+    device = getattr(args, "device", "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available on this machine; use --device cpu")
+    DEVICE = torch.device(device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -77,7 +89,8 @@ def _cpu_model() -> str:
 
 
 def machine_info() -> dict[str, Any]:
-    return {
+    gpu = {"gpu": torch.cuda.get_device_name(DEVICE)} if DEVICE.type == "cuda" else {}
+    return {**gpu,
         "cpu_model": _cpu_model(),
         "logical_cpus": os.cpu_count(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -90,9 +103,17 @@ def machine_info() -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ timing
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def timed(fn: Callable[[], Any]) -> float:
+    """Wall seconds of ``fn()``; on a GPU the device is synchronised before and after."""
+    sync()
     t0 = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t0
 
 
@@ -123,7 +144,7 @@ def stats(xs: list[float]) -> dict[str, Any]:
 def build(preset: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
     """The preset's model; ``NAME+compile``: with its steps compiled (what ``--compile`` trains)."""
     torch.manual_seed(seed)
-    model = build_model(ModelConfig.preset(preset.removesuffix(COMPILED), **overrides))
+    model = build_model(ModelConfig.preset(preset.removesuffix(COMPILED), **overrides)).to(DEVICE)
     if preset.endswith(COMPILED):
         model.compile_steps()
     return model
@@ -135,7 +156,7 @@ def clone(model: torch.nn.Module) -> torch.nn.Module:
 
 def batch(vocab: int, b: int, t: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, vocab, (b, t + 1), generator=g)
+    x = torch.randint(0, vocab, (b, t + 1), generator=g).to(DEVICE)
     return x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
 
@@ -146,17 +167,21 @@ def use_autograd_energy_grad(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 1e-3) -> Callable[[], float]:
-    """A closure doing one training step: forward, loss, backward, AdamW step."""
+def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 1e-3,
+               amp: torch.dtype | None = None) -> Callable[[], torch.Tensor]:
+    """A closure doing one training step: forward (under ``amp`` autocast if given), loss, backward,
+    AdamW step (fused on a GPU, as ``nrgpt train`` does). Returns the loss tensor, not ``.item()``,
+    so that a GPU step has no host synchronisation of its own (``timed`` synchronises)."""
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=x.is_cuda or None)
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        _, loss = model(x, y)
+        with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+            _, loss = model(x, y)
         loss.backward()
         opt.step()
-        return loss.item()
+        return loss.detach()
 
     return step
 
@@ -167,7 +192,10 @@ def param_bytes(model: torch.nn.Module) -> int:
 
 # ------------------------------------------------------------------------------------ memory
 def peak_memory(fn: Callable[[], Any]) -> int:
-    """Peak bytes of CPU tensors allocated during ``fn()`` and alive at the same time.
+    """Peak bytes of tensors allocated during ``fn()`` and alive at the same time.
+
+    On a GPU: the CUDA caching allocator's peak of allocated bytes during ``fn()`` less what was
+    allocated before it. On the CPU:
 
     Method: run ``fn`` once under ``torch.profiler`` with ``profile_memory=True``. Every CPU
     allocation/free then reports, besides its size, the allocator's running total of bytes
@@ -177,6 +205,13 @@ def peak_memory(fn: Callable[[], Any]) -> int:
     temporaries. It excludes what existed before (parameters, AdamW states) and allocator
     overhead/fragmentation, and it is deterministic, unlike RSS deltas.
     """
+    if DEVICE.type == "cuda":
+        sync()
+        before = torch.cuda.memory_allocated(DEVICE)
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        fn()
+        sync()
+        return torch.cuda.max_memory_allocated(DEVICE) - before
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -194,11 +229,12 @@ def peak_memory(fn: Callable[[], Any]) -> int:
 
 # ------------------------------------------------------------------------------------ matmul peak
 def matmul_peak(sizes: tuple[int, ...], reps: int) -> dict[str, Any]:
-    """Best-of-``reps`` float32 GFLOP/s of square torch.mm at each size (current thread count)."""
+    """Best-of-``reps`` float32 GFLOP/s of square torch.mm at each size (current thread count; on a
+    GPU with TF32 as the caller left it)."""
     per_size = {}
     for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        c = torch.empty(n, n)
+        a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
+        c = torch.empty(n, n, device=DEVICE)
         torch.mm(a, b, out=c)  # warm-up
         best = min(timed(lambda a=a, b=b, c=c: torch.mm(a, b, out=c)) for _ in range(reps))
         per_size[str(n)] = 2 * n**3 / best / 1e9

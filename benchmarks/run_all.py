@@ -2,6 +2,7 @@
 
     python benchmarks/run_all.py            # full run (~10 min on 2 cores)
     python benchmarks/run_all.py --quick    # ~2-3 min: smaller shapes, fewer repetitions
+    python benchmarks/run_all.py --device cuda --out benchmarks/results/cuda   # GPU: readiness, training, generation
 
 Each script prints its table(s) and writes ``<out>/<name>.json``; the summary collects their
 tables, the commands that made them, the machine and every target met or missed.
@@ -29,6 +30,11 @@ SCRIPTS = {  # script -> result JSON name
     "bench_generate.py": "generation",
     "bench_listops.py": "listops_eval",
 }
+GPU_SCRIPTS = {  # what runs with --device cuda: the scripts that take a device
+    "check_gpu.py": "gpu_check",
+    "bench_train.py": "train_step",
+    "bench_generate.py": "generation",
+}
 
 
 def main() -> None:
@@ -36,19 +42,23 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=HERE / "results")
-    p.add_argument("--only", nargs="+", choices=sorted(SCRIPTS), help="run only these scripts")
+    p.add_argument("--only", nargs="+", choices=sorted({**SCRIPTS, **GPU_SCRIPTS}), help="run only these scripts")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help=f"cuda: run {', '.join(GPU_SCRIPTS)} on the GPU (default cpu: the CPU suite)")
     args = p.parse_args()
+    scripts = GPU_SCRIPTS if args.device == "cuda" else SCRIPTS
     env = {**os.environ, "TORCH_CPP_LOG_LEVEL": "ERROR", "KINETO_LOG_LEVEL": "5"}
     start, load0 = time.time(), os.getloadavg()
     if load0[0] > 1.0:
         print(f"warning: load average {load0[0]:.1f} before starting: other processes share the "
               f"{os.cpu_count()} cores; absolute times will be slow and noisy (ratios less so)", flush=True)
     failed, walls = [], {}
-    for script, _ in SCRIPTS.items():
+    for script in scripts:
         if args.only and script not in args.only:
             continue
         cmd = [sys.executable, str(HERE / script), "--threads", str(args.threads), "--out", str(args.out)]
         cmd += ["--quick"] if args.quick else []
+        cmd += ["--device", "cuda"] if args.device == "cuda" else []
         print(f"\n===== {script} =====", flush=True)
         t0 = time.time()
         with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
@@ -66,7 +76,7 @@ def main() -> None:
              f"(load average before {load0[0]:.2f}, after {os.getloadavg()[0]:.2f}).", ""]
     targets = []
     machine = None
-    for script, name in SCRIPTS.items():
+    for script, name in scripts.items():
         path = args.out / f"{name}.json"
         if (args.only and script not in args.only) or not path.is_file():
             continue
@@ -76,7 +86,8 @@ def main() -> None:
                   res["markdown"], ""]
         targets += res["targets"]
     if machine:
-        parts[1:1] = ["", f"Machine: {machine['cpu_model']}, {machine['logical_cpus']} logical CPUs "
+        gpu = f"GPU {machine['gpu']}, " if "gpu" in machine else ""
+        parts[1:1] = ["", f"Machine: {gpu}{machine['cpu_model']}, {machine['logical_cpus']} logical CPUs "
                       f"({machine['cpu_capability']}), torch {machine['torch']}, {machine['threads']} threads, "
                       f"Python {machine['python']}.", ""]
     lines = [f"- {'MET   ' if t['met'] else 'MISSED'} {t['name']}: {t['value']:.3g} (required {t['op']} "
