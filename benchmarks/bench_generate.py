@@ -9,6 +9,7 @@ and batch 1 and 8. A prompt of context - n_new tokens is continued by n_new toke
     forward plus n_new - 1 single-token steps);
   * per token: the full recomputation's time per token (its total / n_new) against the median
     cached decode step (each timed separately after a separate prefill): the steady-state speed-up.
+    On a GPU the cached steps are CUDA-graph replays (``generate``'s default there).
     The fastest decode step is shown too (a contention-free figure on a shared machine).
 Variants are interleaved and medians taken.
 """
@@ -18,22 +19,39 @@ from __future__ import annotations
 import torch
 from common import build, finish, interleave, parser, setup, stats, table, target, timed
 
+from nrgpt.generate import GraphedDecode
 from nrgpt.layers import KVCache
 
 PRESET = "NRGPT_H_FF2W"
 
 
 def decode_loop(model: torch.nn.Module, prompt: torch.Tensor, n_new: int) -> tuple[float, list[float], torch.Tensor]:
-    """Greedy decoding by hand with a cache: (prefill seconds, per-token decode seconds, tokens)."""
+    """Greedy decoding by hand with a cache: (prefill seconds, per-token decode seconds, tokens).
+    On a GPU the steps are replayed as a CUDA graph, as ``generate`` does there (the capture, with
+    the first step, is left out of the per-token times)."""
     model.eval()
-    cache = KVCache(model.config.block_size)
+    graph = prompt.is_cuda
+    cache = KVCache(model.config.block_size, static=graph)
     out = [prompt]
     with torch.no_grad():
         t_prefill = timed(lambda: out.append(model.forward_cached(prompt, cache).argmax(-1, keepdim=True)))
+        step = lambda nxt: model.forward_cached(nxt, cache)  # noqa: E731
+        if graph:
+            cache.begin(1, prompt.device)
+            graphed = GraphedDecode(model, out[-1], cache)
+            cache.advance(1)
+            out.append(graphed.first.argmax(-1, keepdim=True))
+
+            def step(nxt: torch.Tensor) -> torch.Tensor:
+                cache.begin(1, nxt.device)
+                logits = graphed(nxt)
+                cache.advance(1)
+                return logits
+
         per_token = []
-        for _ in range(n_new - 1):
+        for _ in range(n_new + 1 - len(out)):  # out holds the prompt and the tokens so far
             nxt = out[-1]
-            per_token.append(timed(lambda nxt=nxt: out.append(model.forward_cached(nxt, cache).argmax(-1, True))))
+            per_token.append(timed(lambda nxt=nxt: out.append(step(nxt).argmax(-1, True))))
     return t_prefill, per_token, torch.cat(out, dim=1)
 
 

@@ -61,6 +61,25 @@ def test_cached_generation_equals_recomputation(cfg):
         torch.testing.assert_close(steps[j], model(idx[:, : i + 1])[0][:, -1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cfg", MODELS, ids=IDS)
+def test_static_cache_decoding_equals_the_growing_cache(cfg):
+    """KVCache(static=True) (what a CUDA graph replays: keys written at a device-tensor position,
+    attention over every slot under a mask) gives the growing cache's logits, in float64."""
+    from nrgpt.layers import KVCache
+
+    model = random_model(cfg, seed=2).double()
+    idx = torch.randint(0, cfg.vocab_size, (2, cfg.block_size))
+    caches = KVCache(cfg.block_size), KVCache(cfg.block_size, static=True)
+    for cache in caches:
+        model.forward_cached(idx[:, :3], cache)
+    for i in range(3, cfg.block_size):
+        growing, static = (model.forward_cached(idx[:, i : i + 1], c) for c in caches)
+        assert caches[1].static_step is False and caches[1].position.item() == i
+        torch.testing.assert_close(static, growing, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="cuda_graph=True needs"):
+        model.generate(idx[:, :3], 2, cuda_graph=True)
+
+
 def test_sampling_is_reproducible_under_a_seed():
     model = random_model(MODELS[0])
     prompt = torch.zeros(2, 1, dtype=torch.long)

@@ -115,26 +115,37 @@ class AttentionEnergy(nn.Module):
         result, as the reference code does; in eval mode this is the exact gradient.
         """
         q, k = self.queries_keys(g)
+        visible = None
         if cache is not None:
             k, _ = cache.update(step, k)
+            visible = cache.visible(self.strict)
         p = self.dropout if self.training else 0.0
         if self.self_term:
-            grad = self._grad_with_self_term(q, k, p)
+            grad = self._grad_with_self_term(q, k, p, cache if visible is not None else None)
         else:
-            o = causal_attention(q, k, k, strict=self.strict, scale=self.beta, dropout=p)
+            o = causal_attention(q, k, k, strict=self.strict, scale=self.beta, dropout=p, visible=visible)
             grad = -self._project(o * self._alpha(), self.query) if self.form == "lowrank" else -self._project(o, None)
         return F.dropout(grad, p) if p > 0 else grad
 
-    def _grad_with_self_term(self, q: torch.Tensor, k: torch.Tensor, dropout: float) -> torch.Tensor:
-        """Exact gradient under the inclusive mask: needs p_AA, so the weights are formed explicitly."""
+    def _grad_with_self_term(
+        self, q: torch.Tensor, k: torch.Tensor, dropout: float, static: KVCache | None = None
+    ) -> torch.Tensor:
+        """Exact gradient under the inclusive mask: needs p_AA, so the weights are formed explicitly.
+        ``static``: a static decoding step of that cache (one query at ``static.position``)."""
         tq, tk = q.shape[-2], k.shape[-2]
         s = (q @ k.transpose(-1, -2)) * self.beta
-        visible = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+        if static is not None:
+            visible = static.visible(strict=False)
+        else:
+            visible = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
         p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
         if dropout > 0:
             p = F.dropout(p, dropout)
         o = p @ k
-        p_self = p[..., torch.arange(tq, device=q.device), torch.arange(tk - tq, tk, device=q.device)]
+        if static is not None:
+            p_self = p.index_select(-1, static.position).squeeze(-1)
+        else:
+            p_self = p[..., torch.arange(tq, device=q.device), torch.arange(tk - tq, tk, device=q.device)]
         qs = q * p_self.unsqueeze(-1)
         if self.form == "lowrank":
             a = self._alpha()

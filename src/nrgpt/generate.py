@@ -6,6 +6,10 @@ step t, each past token's keys at that step (NRGPT: K_h g_B^(t); baselines: keys
 new token costs O(n_steps * T * D) instead of a full recomputation. Once the context fills the
 block, the window slides: positions shift, so the cache is rebuilt from the cropped window (the
 same tokens a full recomputation would produce).
+
+On a GPU a one-token step is too small to keep the device busy: its time is the launching of a few
+hundred small kernels. There the steps run on a shape-static cache (``KVCache(static=True)``) and
+the step is captured once as a CUDA graph and replayed for every further token.
 """
 
 from __future__ import annotations
@@ -46,6 +50,32 @@ def sample_next(
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)
 
 
+class GraphedDecode:
+    """One static decoding step of ``model`` on ``cache`` captured as a CUDA graph.
+
+    Construction runs the step for ``idx`` (B, 1) once eagerly (on a side stream, as capture
+    requires; its logits are ``first``), then captures it; calling replays it for new tokens. The
+    cache's buffers and position are read and written in place, so the caller does
+    ``cache.begin(1, ...)`` before and ``cache.advance(1)`` after each call, as ``forward_cached`` does.
+    """
+
+    def __init__(self, model, idx: torch.Tensor, cache: KVCache):
+        self.idx = idx.clone()
+        side = torch.cuda.Stream(idx.device)
+        side.wait_stream(torch.cuda.current_stream(idx.device))
+        with torch.cuda.stream(side):
+            self.first = model.decode(self.idx, cache)
+        torch.cuda.current_stream(idx.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.decode(self.idx, cache)
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        self.idx.copy_(idx)
+        self.graph.replay()
+        return self.logits
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -57,23 +87,37 @@ def generate(
     greedy: bool = False,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    cuda_graph: bool | None = None,
 ) -> torch.Tensor:
     """Append ``max_new_tokens`` tokens to ``idx`` (B, T); returns (B, T + max_new_tokens).
 
     With ``use_cache`` (default) each new token runs through the model once; without it the whole
-    (cropped) context is recomputed for every token. Both give the same tokens.
+    (cropped) context is recomputed for every token. Both give the same tokens. ``cuda_graph``
+    (default: on for a model on a CUDA device) replays the one-token step as a CUDA graph.
     """
     was_training = model.training
     model.eval()
     block = model.config.block_size
-    cache = None
+    if cuda_graph is None:
+        cuda_graph = idx.is_cuda
+    if cuda_graph and not idx.is_cuda:
+        raise ValueError("cuda_graph=True needs the model and idx on a CUDA device")
+    cache, graphed = None, None
     try:
         for _ in range(max_new_tokens):
             if not use_cache:
                 logits = model(idx[:, -block:])[0][:, -1]
             elif cache is None or cache.length >= block:
-                cache = KVCache(block)
+                cache, graphed = KVCache(block, static=cuda_graph), None
                 logits = model.forward_cached(idx[:, -block:], cache)
+            elif cuda_graph:
+                cache.begin(1, idx.device)
+                if graphed is None:
+                    graphed = GraphedDecode(model, idx[:, -1:], cache)
+                    logits = graphed.first
+                else:
+                    logits = graphed(idx[:, -1:])
+                cache.advance(1)
             else:
                 logits = model.forward_cached(idx[:, -1:], cache)
             nxt = sample_next(logits, temperature, top_k, top_p, greedy, generator)

@@ -98,18 +98,40 @@ class KVCache:
     Buffers are allocated once with room for ``capacity`` tokens; ``length`` is the number of
     tokens already stored. A token's keys at a step never change once written, because a token
     only ever sees earlier tokens (the model is causal).
+
+    ``static=True`` makes every one-token decoding step shape-static, so that it can be captured
+    once as a CUDA graph and replayed: the new token's keys are written at ``position`` (a device
+    tensor) and attention runs over all ``capacity`` slots with the visibility mask ``visible``,
+    instead of over the first ``length + 1`` slots.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, static: bool = False):
         self.capacity = capacity
         self.length = 0
+        self.static = static
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
+        self.position: torch.Tensor | None = None  # static decoding: the new token's index, (1,)
+        self._slots: torch.Tensor | None = None  # static decoding: 0..capacity-1
+        self._static_step = False
+
+    def begin(self, n_tokens: int, device: torch.device) -> None:
+        """Prepare to take ``n_tokens`` new tokens (called before the model body runs on them)."""
+        if self.length + n_tokens > self.capacity:
+            raise ValueError(f"KV cache is full ({self.capacity} tokens); crop the context")
+        self._static_step = self.static and n_tokens == 1 and self.length > 0
+        if self._static_step:
+            if self.position is None:
+                self.position = torch.zeros(1, dtype=torch.long, device=device)
+                self._slots = torch.arange(self.capacity, device=device)
+            self.position.fill_(self.length)
 
     def _append(self, store: dict[int, torch.Tensor], slot: int, new: torch.Tensor) -> torch.Tensor:
         b, h, t, d = new.shape
-        if slot not in store:
-            store[slot] = new.new_empty(b, h, self.capacity, d)
+        if slot not in store:  # static: zeros, since masked-out slots still enter p @ v as 0 * slot
+            store[slot] = (new.new_zeros if self.static else new.new_empty)(b, h, self.capacity, d)
+        if self._static_step:
+            return store[slot].index_copy_(2, self.position, new)
         end = self.length + t
         if end > self.capacity:
             raise ValueError(f"KV cache is full ({self.capacity} tokens); crop the context")
@@ -123,18 +145,36 @@ class KVCache:
             return k_all, k_all
         return k_all, self._append(self.values, slot, v)
 
+    @property
+    def static_step(self) -> bool:
+        """Whether the current step is a static decoding step (see the class docstring)."""
+        return self._static_step
+
+    def visible(self, strict: bool) -> torch.Tensor | None:
+        """In a static decoding step, which of the ``capacity`` slots the new token attends to
+        (B < A if ``strict``, else B <= A), shape (1, capacity); otherwise None."""
+        if not self._static_step:
+            return None
+        return (self._slots < self.position if strict else self._slots <= self.position)[None]
+
     def advance(self, n_tokens: int) -> None:
         self.length += n_tokens
+        self._static_step = False
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strict: bool, scale: float, dropout: float = 0.0
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strict: bool, scale: float, dropout: float = 0.0,
+    visible: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """sum_B softmax_B(scale q_A.k_B) v_B over B < A (strict) or B <= A (inclusive).
 
     q: (B, H, Tq, d), k and v: (B, H, Tk, d) with Tk >= Tq; the queries are the last Tq tokens of
-    the Tk keys. A row with no key (the first token under the strict mask) gets zeros.
+    the Tk keys. A row with no key (the first token under the strict mask) gets zeros. ``visible``
+    (1, Tk): a static decoding step (see ``KVCache``), one query seeing the keys where it is True.
     """
+    if visible is not None:  # spelled out: for one query, 4 small kernels beat a fused attention kernel
+        s = (q @ k.transpose(-1, -2)) * scale
+        return torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1) @ v
     tq, tk = q.shape[-2], k.shape[-2]
     if tq == 1:  # one new token: it sees every cached key (and itself unless strict)
         if strict:
@@ -168,11 +208,13 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, slot: int = 0) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_head, d // self.n_head).permute(2, 0, 3, 1, 4)
+        visible = None
         if cache is not None:
             k, v = cache.update(slot, k, v)
+            visible = cache.visible(strict=False)
         y = causal_attention(
             q, k, v, strict=False, scale=(d // self.n_head) ** -0.5,
-            dropout=self.dropout if self.training else 0.0,
+            dropout=self.dropout if self.training else 0.0, visible=visible,
         )
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(b, t, d)))
 

@@ -40,7 +40,11 @@ class LanguageModel(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def embed(self, idx: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
+        """Token plus position embeddings of ``idx`` (B, T) placed at positions start.. ; ``start``
+        may be a (1,) device tensor (one token, static decoding)."""
+        if isinstance(start, torch.Tensor):
+            return self.tok_emb(idx) + self.pos_emb(start)
         t = idx.shape[1]
         if start + t > self.config.block_size:
             raise ValueError(
@@ -72,8 +76,18 @@ class LanguageModel(nn.Module):
     @torch.no_grad()
     def forward_cached(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits of the last position for new tokens ``idx`` appended to the cached context."""
-        x = self.body(self.embed(idx, cache.length), cache)
+        cache.begin(idx.shape[1], idx.device)
+        logits = self.decode(idx, cache)
         cache.advance(idx.shape[1])
+        return logits
+
+    @torch.no_grad()
+    def decode(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The work of ``forward_cached`` between ``cache.begin`` and ``cache.advance``: in a static
+        step (``KVCache(static=True)``) it only launches device work, so it can be captured as a CUDA
+        graph (``generate``)."""
+        start = cache.position if cache.static_step else cache.length
+        x = self.body(self.embed(idx, start), cache)
         return self.lm_head(self.ln_f(x[:, -1]))
 
     def compile_steps(self, **options) -> None:
