@@ -31,7 +31,7 @@ def decode_loop(model: torch.nn.Module, prompt: torch.Tensor, n_new: int) -> tup
     the first step, is left out of the per-token times)."""
     model.eval()
     graph = prompt.is_cuda
-    cache = KVCache(model.config.block_size, static=graph)
+    cache = KVCache(model.config.block_size, static=graph or model.compiled_decode is not None)
     out = [prompt]
     with torch.no_grad():
         t_prefill = timed(lambda: out.append(model.forward_cached(prompt, cache).argmax(-1, keepdim=True)))
@@ -77,6 +77,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per run (default 32)")
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--preset", default=PRESET)
+    p.add_argument("--compile", action="store_true",
+                   help="model.compile_decode(): compiled one-token steps (compilation left out of the times)")
     args = p.parse_args()
     setup(args)
     contexts = args.contexts or [64, 256, 1024]
@@ -86,10 +88,13 @@ def main() -> None:
     results, rows, targets = [], [], []
     for ctx in contexts:
         model = build(args.preset, n_embd=args.n_embd, n_head=1, n_steps=8, block_size=ctx, vocab_size=65).eval()
+        if args.compile:
+            model.compile_decode()
         for bsz in args.batches:
             g = torch.Generator().manual_seed(ctx + bsz)
             prompt = torch.randint(0, 65, (bsz, ctx - n_new), generator=g).to(model.lm_head.weight.device)
-            times, outs = measure(model, prompt, n_new, reps, warmup=0 if args.quick and ctx >= 1024 else 1)
+            cold = args.quick and ctx >= 1024 and not args.compile  # skip the slow warm-up (compiling needs it)
+            times, outs = measure(model, prompt, n_new, reps, warmup=0 if cold else 1)
             identical = torch.equal(outs[True], outs[False])
             identical_manual = torch.equal(outs[True], outs["manual"][2])
             assert identical, f"cached and full greedy outputs differ (context {ctx}, batch {bsz})"
@@ -112,12 +117,14 @@ def main() -> None:
                                       per_tok_speedup, ">=", want,
                                       f"end-to-end incl. prefill {e2e:.1f}x (bounded by ~{n_new}x)"))
 
-    title = (f"Generation ({args.device}), {args.preset} n_embd {args.n_embd}, 8 steps, {n_new} new tokens after "
+    how = f"{args.device}, compiled decoding" if args.compile else args.device
+    title = (f"Generation ({how}), {args.preset} n_embd {args.n_embd}, 8 steps, {n_new} new tokens after "
              f"a prompt of context - {n_new}, greedy; median of {reps} interleaved reps")
     tab = table(["context", "batch", "cached tok/s", "full tok/s", "end-to-end speed-up", "prefill (ms)",
                  "decode (ms/token)", "decode best (ms)", "full (ms/token)", "per-token speed-up", "identical"],
                 rows, title)
-    finish("generation", args, {"rows": results, "reps": reps, "preset": args.preset}, [tab], targets)
+    finish("generation_compiled" if args.compile else "generation", args,
+           {"rows": results, "reps": reps, "preset": args.preset, "compiled": args.compile}, [tab], targets)
 
 
 if __name__ == "__main__":

@@ -206,6 +206,31 @@ def test_compile_steps_one_graph_for_all_steps_and_same_results(preset):
         assert torch.equal(out, eager.eval().generate(idx[:1, :4], 6, greedy=True))
 
 
+@pytest.mark.parametrize("preset,mask", [("NRGPT_H_FF2W", "inclusive"), ("NRGPT_P_FF2W", "strict"),
+                                         ("GPT_Rec_parallel", "inclusive")])
+def test_compile_decode_one_graph_for_every_position_and_same_tokens(preset, mask):
+    from torch._dynamo.testing import CompileCounter
+
+    cfg = ModelConfig.preset(preset, **SMALL, mask=mask, grad_mode="exact") if preset.startswith("NRGPT") else \
+        ModelConfig.preset(preset, **SMALL)
+    model = random_model(cfg, seed=3)
+    prompt = torch.randint(0, cfg.vocab_size, (2, 3))
+    n_new = cfg.block_size + 4  # past the block: the window slides and the cache is rebuilt
+    expected = model.generate(prompt, n_new, greedy=True)
+    counter = CompileCounter()
+    model.compile_decode(backend=counter)
+    assert torch.equal(model.generate(prompt, n_new, greedy=True), expected)
+    assert counter.frame_count == 1  # one graph for every position (the position is a tensor)
+
+
+def test_compile_decode_inductor_gives_the_same_tokens():
+    model = random_model(ModelConfig.preset("NRGPT_H_FF2W", **SMALL), seed=4)
+    prompt = torch.randint(0, SMALL["vocab_size"], (1, 2))
+    expected = model.generate(prompt, 8, greedy=True)
+    model.compile_decode()
+    assert torch.equal(model.generate(prompt, 8, greedy=True), expected)
+
+
 def test_compile_steps_inductor_matches_eager():
     cfg = ModelConfig.preset("NRGPT_H_FF2W", **SMALL)
     eager, compiled = random_model(cfg), build_model(cfg).eval()

@@ -93,13 +93,14 @@ def generate(
 
     With ``use_cache`` (default) each new token runs through the model once; without it the whole
     (cropped) context is recomputed for every token. Both give the same tokens. ``cuda_graph``
-    (default: on for a model on a CUDA device) replays the one-token step as a CUDA graph.
+    (default: on for a model on a CUDA device) replays the one-token step as a CUDA graph; after
+    ``model.compile_decode()`` the one-token steps run compiled instead.
     """
     was_training = model.training
     model.eval()
     block = model.config.block_size
     if cuda_graph is None:
-        cuda_graph = idx.is_cuda
+        cuda_graph = idx.is_cuda and model.compiled_decode is None
     if cuda_graph and not idx.is_cuda:
         raise ValueError("cuda_graph=True needs the model and idx on a CUDA device")
     cache, graphed = None, None
@@ -108,7 +109,7 @@ def generate(
             if not use_cache:
                 logits = model(idx[:, -block:])[0][:, -1]
             elif cache is None or cache.length >= block:
-                cache, graphed = KVCache(block, static=cuda_graph), None
+                cache, graphed = KVCache(block, static=cuda_graph or model.compiled_decode is not None), None
                 logits = model.forward_cached(idx[:, -block:], cache)
             elif cuda_graph:
                 cache.begin(1, idx.device)

@@ -78,6 +78,8 @@ def _prompt(args: argparse.Namespace) -> str:
 
 def main(args: argparse.Namespace) -> int:
     model, config = load_model(args.run, device=pick_device(args.device), which=args.checkpoint)
+    if args.compile:
+        model.compile_decode()
     tokenizer = load_tokenizer(args.data_dir or config.data.dir)
     texts = generate_text(model, tokenizer, _prompt(args), num_samples=args.num_samples,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -107,4 +109,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="which checkpoint of a run directory (default: best)")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--data-dir", help="the dataset (for its tokenizer), if not the run's data.dir")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoding step (CPU: about 3x faster per token after ~30 s of "
+                        "compilation; worth it for long or many samples)")
     p.set_defaults(func=main)
