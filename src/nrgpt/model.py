@@ -79,7 +79,7 @@ class LanguageModel(nn.Module):
         """Logits of the last position for new tokens ``idx`` appended to the cached context."""
         cache.begin(idx.shape[1], idx.device)
         if cache.static_step and self.compiled_decode is not None:
-            logits = self.compiled_decode(idx.contiguous(), cache)  # a view's strides would recompile
+            logits = self.compiled_decode(idx.clone(memory_format=torch.contiguous_format), cache)  # fixed strides
         else:
             logits = self.decode(idx, cache)
         cache.advance(idx.shape[1])
