@@ -21,13 +21,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 NOISE = ("USDT:", "[W")  # the profiler's start/stop log lines and C++ warnings
-SCRIPTS = {  # script -> result JSON name
+SCRIPTS = {  # script (and its own arguments) -> result JSON name
     "check_graph_breaks.py": "graph_breaks",
     "bench_profile.py": "profile",
     "bench_train.py": "train_step",
     "bench_autograd.py": "autograd_vs_closed",
     "bench_flops.py": "flops",
     "bench_generate.py": "generation",
+    "bench_generate.py --compile": "generation_compiled",
     "bench_listops.py": "listops_eval",
 }
 GPU_SCRIPTS = {  # what runs with --device cuda: the scripts that take a device
@@ -42,7 +43,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=HERE / "results")
-    p.add_argument("--only", nargs="+", choices=sorted({**SCRIPTS, **GPU_SCRIPTS}), help="run only these scripts")
+    names = sorted({entry.split()[0] for entry in {**SCRIPTS, **GPU_SCRIPTS}})
+    p.add_argument("--only", nargs="+", choices=names, help="run only these scripts (all their entries)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help=f"cuda: run {', '.join(GPU_SCRIPTS)} on the GPU (default cpu: the CPU suite)")
     args = p.parse_args()
@@ -53,22 +55,23 @@ def main() -> None:
         print(f"warning: load average {load0[0]:.1f} before starting: other processes share the "
               f"{os.cpu_count()} cores; absolute times will be slow and noisy (ratios less so)", flush=True)
     failed, walls = [], {}
-    for script in scripts:
+    for entry in scripts:
+        script, *extra = entry.split()
         if args.only and script not in args.only:
             continue
-        cmd = [sys.executable, str(HERE / script), "--threads", str(args.threads), "--out", str(args.out)]
+        cmd = [sys.executable, str(HERE / script), *extra, "--threads", str(args.threads), "--out", str(args.out)]
         cmd += ["--quick"] if args.quick else []
         cmd += ["--device", "cuda"] if args.device == "cuda" else []
-        print(f"\n===== {script} =====", flush=True)
+        print(f"\n===== {entry} =====", flush=True)
         t0 = time.time()
         with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
             for line in proc.stdout:
                 if not line.startswith(NOISE):
                     print(line, end="", flush=True)
         rc = proc.returncode
-        walls[script] = time.time() - t0
+        walls[entry] = time.time() - t0
         if rc != 0:
-            failed.append(script)
+            failed.append(entry)
     total = time.time() - start
 
     command = shlex.join(["python", "benchmarks/run_all.py", *sys.argv[1:]])
@@ -76,13 +79,13 @@ def main() -> None:
              f"(load average before {load0[0]:.2f}, after {os.getloadavg()[0]:.2f}).", ""]
     targets = []
     machine = None
-    for script, name in scripts.items():
+    for entry, name in scripts.items():
         path = args.out / f"{name}.json"
-        if (args.only and script not in args.only) or not path.is_file():
+        if (args.only and entry.split()[0] not in args.only) or not path.is_file():
             continue
         res = json.loads(path.read_text())
         machine = machine or res["machine"]
-        parts += [f"### {name}", "", f"`{res['command']}` ({walls.get(script, 0):.0f} s, {res['time']})", "",
+        parts += [f"### {name}", "", f"`{res['command']}` ({walls.get(entry, 0):.0f} s, {res['time']})", "",
                   res["markdown"], ""]
         targets += res["targets"]
     if machine:
