@@ -222,3 +222,27 @@ def test_eval_command_listops(listops_dir, tmp_path, capsys):
     assert saved["n"] == 6 and f"overall: {saved['overall']:.4f}" in printed and "per_op_max" in printed
     assert saved == {**listops_accuracy(model, listops_dir), "seconds": saved["seconds"],
                      "samples_per_s": saved["samples_per_s"]}
+
+
+def test_eval_command_quality_with_a_reference_lm(listops_dir, tiny_lm, tmp_path, capsys):
+    from nrgpt.metrics import reference_perplexity
+
+    tok = load_tokenizer(listops_dir)
+    model = _tiny_model("nrgpt", tok.vocab_size).float()
+    config = RunConfig(out_dir=str(tmp_path / "run"), data=DataConfig(dir=str(listops_dir)),
+                       model={"preset": "NRGPT_P_FF2W", "vocab_size": tok.vocab_size, "block_size": 24,
+                              "n_embd": 16, "n_head": 2, "n_steps": 3})
+    save_checkpoint(tmp_path / "run" / "best", model, config, {"iter": 0})
+    lm_path = str(tiny_lm[3])
+    out = tmp_path / "quality.json"
+    args = ["eval", str(tmp_path / "run"), "--task", "quality", "--device", "cpu", "--num-samples", "2",
+            "--max-new-tokens", "10", "--json", str(out)]
+    assert cli_main([*args, "--reference-lm", lm_path]) == 0
+    saved = json.loads(out.read_text())
+    assert "perplexity" not in saved["missing"] and saved["perplexity"] > 1.0
+    assert saved["perplexity"] == pytest.approx(reference_perplexity(saved["texts"], lm_path), rel=1e-6)
+    out.unlink()
+    capsys.readouterr()
+    assert cli_main([*args, "--reference-lm", str(tmp_path / "no-such-model")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--reference-lm" in err[0] and not out.exists()  # nothing sampled, nothing written

@@ -287,6 +287,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=0.8, help="quality: sampling temperature")
     g.add_argument("--top-k", type=int, default=None, help="quality: sample from the k most likely tokens")
     g.add_argument("--seed", type=int, default=0, help="quality: sampling seed")
+    g.add_argument("--reference-lm", default=None, metavar="NAME_OR_PATH",
+                   help="quality: causal LM that scores the samples' perplexity, a local Hugging Face model "
+                        "directory or a cached model name (default: gpt2 from the local cache, if there)")
     g.add_argument("--json", help="also write the full results to this JSON file")
 
 
@@ -301,6 +304,21 @@ def _flat(results: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def _check_reference_lm(name_or_path: str) -> None:
+    """Load the reference LM before any sampling, so that a bad name costs no work (one line, exit 2).
+    Without the ``eval`` extra, perplexity is reported missing like the other metrics."""
+    from .metrics import MissingExtraError, _load_causal_lm
+
+    try:
+        _load_causal_lm(name_or_path, "cpu", False)
+    except MissingExtraError:
+        pass
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--reference-lm {name_or_path!r} is not a loadable Hugging Face causal LM "
+                          f"({type(err).__name__}); give a local model directory (with its tokenizer) or the "
+                          "name of a model in the local cache") from None
+
+
 def run_task(args: argparse.Namespace) -> dict[str, Any]:
     """``nrgpt eval --task listops`` (split val = the test samples) or ``--task quality``; returns the
     printable results and writes all of them to ``--json`` if given."""
@@ -313,9 +331,12 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
         results = listops_accuracy(model, data_dir, args.split, args.batch_size, args.max_samples,
                                    args.max_new_tokens)
     else:
+        if args.reference_lm:
+            _check_reference_lm(args.reference_lm)
         results = generation_quality_for_model(
             model, load_tokenizer(data_dir), n_samples=args.num_samples, max_new_tokens=args.max_new_tokens or 200,
-            prompt=args.prompt, seed=args.seed, temperature=args.temperature, top_k=args.top_k)
+            prompt=args.prompt, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
+            perplexity_model=args.reference_lm)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
