@@ -98,7 +98,12 @@ class LanguageModel(nn.Module):
         """``torch.compile`` the one-token decoding step (static shapes, so one graph per batch size and
         block) and make ``generate`` decode on a static cache with it. On a CPU this fuses the step's
         few hundred small ops, whose dispatch dominates decoding; the compilation (tens of seconds)
-        pays for itself over long generations. On a GPU ``generate``'s CUDA graph does this job."""
+        pays for itself over long generations. On a GPU ``generate``'s CUDA graph does this job.
+
+        On a CPU, unless ``options`` choose a backend, mode or options, inductor writes the step's
+        wrapper in C++ (``cpp_wrapper``): no Python between its kernels, about 2x faster per token."""
+        if not options.keys() & {"backend", "mode", "options"} and self.lm_head.weight.device.type == "cpu":
+            options["options"] = {"cpp_wrapper": True}
         self.compiled_decode = torch.compile(self.decode, dynamic=False, **options)
 
     def compile_steps(self, **options) -> None:
