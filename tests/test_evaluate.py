@@ -208,13 +208,19 @@ def test_generation_quality_for_model():
     assert again["texts"] == q["texts"]
 
 
-def test_eval_command_listops(listops_dir, tmp_path, capsys):
+def _saved_run(listops_dir: Path, run_dir: Path) -> nn.Module:
+    """A tiny NRGPT saved as the best checkpoint of a run on the ListOps data; returns the model."""
     tok = load_tokenizer(listops_dir)
     model = _tiny_model("nrgpt", tok.vocab_size).float()
-    config = RunConfig(out_dir=str(tmp_path / "run"), data=DataConfig(dir=str(listops_dir)),
+    config = RunConfig(out_dir=str(run_dir), data=DataConfig(dir=str(listops_dir)),
                        model={"preset": "NRGPT_P_FF2W", "vocab_size": tok.vocab_size, "block_size": 24,
                               "n_embd": 16, "n_head": 2, "n_steps": 3})
-    save_checkpoint(tmp_path / "run" / "best", model, config, {"iter": 0})
+    save_checkpoint(run_dir / "best", model, config, {"iter": 0})
+    return model
+
+
+def test_eval_command_listops(listops_dir, tmp_path, capsys):
+    model = _saved_run(listops_dir, tmp_path / "run")
     out = tmp_path / "acc.json"
     assert cli_main(["eval", str(tmp_path / "run"), "--task", "listops", "--device", "cpu", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -227,12 +233,7 @@ def test_eval_command_listops(listops_dir, tmp_path, capsys):
 def test_eval_command_quality_with_a_reference_lm(listops_dir, tiny_lm, tmp_path, capsys):
     from nrgpt.metrics import reference_perplexity
 
-    tok = load_tokenizer(listops_dir)
-    model = _tiny_model("nrgpt", tok.vocab_size).float()
-    config = RunConfig(out_dir=str(tmp_path / "run"), data=DataConfig(dir=str(listops_dir)),
-                       model={"preset": "NRGPT_P_FF2W", "vocab_size": tok.vocab_size, "block_size": 24,
-                              "n_embd": 16, "n_head": 2, "n_steps": 3})
-    save_checkpoint(tmp_path / "run" / "best", model, config, {"iter": 0})
+    _saved_run(listops_dir, tmp_path / "run")
     lm_path = str(tiny_lm[3])
     out = tmp_path / "quality.json"
     args = ["eval", str(tmp_path / "run"), "--task", "quality", "--device", "cpu", "--num-samples", "2",
