@@ -304,15 +304,16 @@ def _flat(results: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def _check_reference_lm(name_or_path: str) -> None:
-    """Load the reference LM before any sampling, so that a bad name costs no work (one line, exit 2).
-    Without the ``eval`` extra, perplexity is reported missing like the other metrics."""
+def _load_reference_lm(name_or_path: str) -> Any:
+    """The reference LM as a (model, tokenizer) pair, loaded before any sampling so that a bad name
+    costs no work (one line, exit 2). Without the ``eval`` extra the name is passed on, and perplexity
+    is reported missing like the other metrics."""
     from .metrics import MissingExtraError, _load_causal_lm
 
     try:
-        _load_causal_lm(name_or_path, "cpu", False)
+        return _load_causal_lm(name_or_path, "cpu", False)
     except MissingExtraError:
-        pass
+        return name_or_path
     except (OSError, ValueError) as err:
         raise ConfigError(f"--reference-lm {name_or_path!r} is not a loadable Hugging Face causal LM "
                           f"({type(err).__name__}); give a local model directory (with its tokenizer) or the "
@@ -331,12 +332,11 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
         results = listops_accuracy(model, data_dir, args.split, args.batch_size, args.max_samples,
                                    args.max_new_tokens)
     else:
-        if args.reference_lm:
-            _check_reference_lm(args.reference_lm)
+        reference_lm = _load_reference_lm(args.reference_lm) if args.reference_lm else None
         results = generation_quality_for_model(
             model, load_tokenizer(data_dir), n_samples=args.num_samples, max_new_tokens=args.max_new_tokens or 200,
             prompt=args.prompt, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-            perplexity_model=args.reference_lm)
+            perplexity_model=reference_lm)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
