@@ -16,7 +16,8 @@ from nrgpt import ConfigError, build_model, checkpoint, cli
 from nrgpt.data import DataError, load_tokenizer
 from nrgpt.runconfig import RunConfig, load_preset, preset_names, resolve_config
 from nrgpt.sample import generate_text
-from nrgpt.train import split_loss, train
+from nrgpt.evaluate import split_loss
+from nrgpt.train import train
 
 from .test_train import REPO, make_text_data, run_nrgpt, tiny_args, tiny_config
 

@@ -12,7 +12,7 @@ import pytest
 from nrgpt.cli import main
 from nrgpt.metrics import fit_logistic
 from nrgpt.report import accuracy_figure, fit_models, loss_figure, write_report
-from nrgpt.sweep import RESULT, SPEC
+from nrgpt.tables import RESULT, SPEC
 
 
 def logistic_runs(model: str, x0: float, k: float = 6.0) -> list[dict]:

@@ -13,17 +13,15 @@ import torch
 from nrgpt.cli import main
 from nrgpt.data import prepare_listops, prepare_shakespeare_char
 from nrgpt.sweep import (
-    RESULT,
     SweepError,
-    best_per_model,
     dump_toml,
     format_slug_value,
     load_sweep,
     run_sweep,
     slug,
     tomllib,
-    write_tables,
 )
+from nrgpt.tables import RESULT, best_per_model, write_tables
 from nrgpt.train import train
 
 # A tiny base config: every run trains in about a second on a CPU.

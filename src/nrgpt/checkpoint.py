@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .data import load_meta
+from .errors import CheckpointError, ConfigError, DataError, first_line
 from .model import LanguageModel, build_model
-from .reference import CheckpointError
 from .runconfig import RunConfig
 
 WEIGHTS, INFO, STATE = "model.safetensors", "checkpoint.json", "state.pt"
@@ -119,26 +121,130 @@ def load_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} cannot be read: {e}") from None
 
 
+def torch_load_safely(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never code. A refused or
+    unreadable file is a one-line CheckpointError that names what was refused and leaves out torch's advice
+    to retry with ``weights_only=False`` (the one thing not to do with an untrusted file)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt, truncated or foreign files
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise CheckpointError(f"{path} holds pickled code or objects ({found.group(1)}), not only tensors: "
+                                  "nrgpt never runs code from a checkpoint; use a checkpoint that nrgpt or the "
+                                  "reference code wrote") from None
+        detail = str(e).split("WeightsUnpickler error:")[-1] if "WeightsUnpickler" in str(e) else str(e)
+        raise CheckpointError(f"{path} is not a readable torch checkpoint (corrupt, truncated or another format: "
+                              f"{first_line(detail.strip())})") from None
+
+
 def load_state(ckpt: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The resume state in ``state.pt``, read with ``weights_only=True``."""
+    """The resume state in ``state.pt``, read with ``weights_only=True`` (tensors and plain containers only)."""
     path = Path(ckpt) / STATE
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: only a run's 'last' checkpoint can be resumed")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt or foreign files
-        raise CheckpointError(f"{path} cannot be read: {type(e).__name__}: {e}") from None
+    return torch_load_safely(path, map_location)
+
+
+_STATE_TYPES = {"iter": int, "best_val_loss": float, "elapsed": float, "optimizer": dict,
+                "data_rng": torch.Tensor, "torch_rng": list, "cuda_rng": list}
+
+
+def check_resume_state(state: Any, path: Path) -> dict[str, Any]:
+    """A trainer's resume state (see ``Trainer.save``) with its keys and types checked; CheckpointError naming
+    the first bad one."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not an nrgpt resume state (a dictionary); start over with --overwrite")
+    for key, kind in _STATE_TYPES.items():
+        if key not in state:
+            raise CheckpointError(f"{path} lacks '{key}': it is not a complete nrgpt resume state")
+        if not isinstance(state[key], kind) or (kind is int and isinstance(state[key], bool)):
+            raise CheckpointError(f"{path}: '{key}' is a {type(state[key]).__name__}, not a {kind.__name__}")
+    opt = state["optimizer"]
+    if not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+        raise CheckpointError(f"{path}: 'optimizer' is not an optimizer state (with 'state' and 'param_groups')")
+    rngs = [state["data_rng"], *state["torch_rng"]]
+    if not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in rngs):
+        raise CheckpointError(f"{path}: the random generator states are not byte tensors")
+    return state
+
+
+def check_optimizer_state(state: dict[str, Any], params: list[torch.nn.Parameter], where: Path) -> None:
+    """Every AdamW moment in a saved optimizer state has the shape of its parameter; CheckpointError otherwise
+    (torch would only fail at the first step, after the resume)."""
+    saved = state["optimizer"]["state"]
+    for index, param in enumerate(params):
+        for name, value in saved.get(index, {}).items():
+            if name != "step" and (not isinstance(value, torch.Tensor) or value.shape != param.shape):
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise CheckpointError(f"{where}: optimizer state '{name}' of parameter {index} has shape {shape}, the "
+                                      f"parameter {tuple(param.shape)}: the state belongs to another model")
+
+
+def load_matching(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: Path) -> None:
+    """Load ``weights`` into ``model``; CheckpointError naming the missing, unexpected or mis-shaped tensors."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(weights))
+              if weights[k].shape != own[k].shape]
+    problems = [f"{label}: {', '.join(items[:4])}{f' and {len(items) - 4} more' if len(items) > 4 else ''}"
+                for label, items in (("missing", missing), ("unexpected", unexpected),
+                                     ("shape (saved vs model)", shapes)) if items]
+    if problems:
+        raise CheckpointError(f"{where} does not match the model of its config ({'; '.join(problems)})")
+    nonfinite = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if nonfinite:
+        raise CheckpointError(f"{where} has non-finite values (NaN or inf) in {', '.join(nonfinite[:4])}: the run "
+                              "diverged before it was saved; use another checkpoint")
+    model.load_state_dict(weights)
+
+
+def dataset_record(data_dir: str | Path) -> dict[str, Any]:
+    """What a checkpoint remembers of its dataset: the absolute directory, the kind and the vocabulary size."""
+    meta = load_meta(data_dir)
+    return {"dir": str(Path(data_dir).resolve()), "kind": meta["kind"], "vocab_size": meta["vocab_size"]}
 
 
 def load_model(run_or_ckpt: str | Path, device: str | torch.device = "cpu",
                which: str = "best") -> tuple[LanguageModel, RunConfig]:
     """The trained model (in eval mode, on ``device``) and its run config, from a run directory (its
     ``which`` checkpoint, 'best' or 'last') or a checkpoint directory."""
+    model, config, _ = _load(run_or_ckpt, device, which)
+    return model, config
+
+
+def _load(run_or_ckpt: str | Path, device: str | torch.device, which: str) -> tuple[LanguageModel, RunConfig, dict]:
     ckpt = resolve(run_or_ckpt, which)
-    config = RunConfig.from_dict(read_info(ckpt)["config"])
-    model = build_model(config.model_config())
+    info = read_info(ckpt)
     try:
-        model.load_state_dict(load_weights(ckpt))
-    except RuntimeError as e:
-        raise CheckpointError(f"{ckpt / WEIGHTS} does not match its config: {str(e).splitlines()[0]}") from None
-    return model.to(device).eval(), config
+        config = RunConfig.from_dict(info["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{ckpt / INFO} holds an invalid config: {e}") from None
+    model = build_model(config.model_config())
+    load_matching(model, load_weights(ckpt), ckpt / WEIGHTS)
+    return model.to(device).eval(), config, info
+
+
+def load_run(run_or_ckpt: str | Path, device: str | torch.device = "cpu", which: str = "best",
+             data_dir: str | Path | None = None) -> tuple[LanguageModel, RunConfig, str]:
+    """``load_model`` plus the dataset to use it with: ``data_dir`` if given, else the run's ``data.dir`` as
+    written when it exists from here, else the absolute directory recorded at training (so a run works from
+    any working directory). DataError if the dataset's vocabulary is not the one the model was trained on."""
+    model, config, info = _load(run_or_ckpt, device, which)
+    trained = info.get("dataset")
+    if data_dir is None:
+        data_dir = config.data.dir
+        if not Path(data_dir).is_dir() and trained and Path(trained["dir"]).is_dir():
+            data_dir = trained["dir"]
+        if not Path(data_dir).is_dir():
+            raise DataError(f"the run's dataset {config.data.dir} is not found from {Path.cwd()}; pass --data-dir "
+                            "with the prepared dataset it was trained on")
+    meta = load_meta(data_dir)
+    vocab = model.config.vocab_size
+    expected = (trained["kind"], trained["vocab_size"]) if trained else None
+    if meta["vocab_size"] > vocab or (expected and (meta["kind"], meta["vocab_size"]) != expected):
+        trained_on = f"a {expected[0]} vocabulary of {expected[1]}" if expected else f"{vocab} tokens"
+        raise DataError(f"the dataset {data_dir} ({meta['kind']}, vocabulary {meta['vocab_size']}) is not the "
+                        f"model's: it was trained on {trained_on}; pass the --data-dir it was trained on")
+    return model, config, str(data_dir)

@@ -103,7 +103,8 @@ def _register_prepare(subparsers: argparse._SubParsersAction) -> None:
 def evaluate_loss(args: argparse.Namespace) -> dict[str, float]:
     """Mean loss and perplexity over the whole split."""
     from .checkpoint import load_model
-    from .train import pick_device, split_loss
+    from .device import pick_device
+    from .evaluate import split_loss
 
     model, config = load_model(args.run, device=pick_device(args.device), which=args.checkpoint)
     loss, tokens = split_loss(model, args.data_dir or config.data.dir, args.split, args.batch_size)
@@ -145,9 +146,10 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
 def quickstart(args: argparse.Namespace) -> int:
     from . import data
     from .checkpoint import load_model
+    from .evaluate import split_loss
     from .runconfig import resolve_config
     from .sample import generate_text
-    from .train import split_loss, train
+    from .train import train
 
     config = resolve_config("quickstart", args.overrides)
     if not (Path(config.data.dir) / "meta.json").is_file():

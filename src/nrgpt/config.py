@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .errors import ConfigError
+
 MODELS = ("nrgpt", "gpt", "rgpt", "rgpt_parallel")
 ATTENTIONS = ("lowrank", "full", "none")
 MASKS = ("strict", "inclusive")
@@ -18,10 +20,6 @@ FF_ENERGIES = ("ff1", "ff2w", "ff2", "dam")
 NORMS = ("layernorm", "rmsnorm", "bare_layernorm", "none")
 ETAS = ("free", "descent", "psd", "identity")
 GRAD_MODES = ("exact", "reference")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid. The message names the field and what is allowed."""
 
 
 @dataclass

@@ -497,7 +497,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from .config import ConfigError
-    from .train import pick_device
+    from .device import pick_device
 
     device = pick_device(args.device)
     model, data_dir = load_any(args.checkpoint, device, args.which)

@@ -25,7 +25,7 @@ sample's own target.
 
 Language
 --------
-The mean validation loss and perplexity over a whole split is ``nrgpt.train.split_loss`` (``nrgpt eval
+The mean validation loss and perplexity over a whole split is ``split_loss`` (``nrgpt eval
 --task loss``). ``overfitting_curve`` reads the train-validation gap along training from a run's
 ``metrics.jsonl``; ``generation_quality_for_model`` samples texts and scores them with
 ``nrgpt.metrics.generation_quality``.
@@ -46,9 +46,10 @@ import torch
 import torch.nn as nn
 
 from .config import ConfigError
-from .data import DataError, Tokenizer, listops_sample_info, load_tokenizer, read_listops_test
+from .data import DataError, Tokenizer, TokenStream, listops_sample_info, load_tokenizer, read_listops_test
 from .layers import KVCache
 from .model import LanguageModel
+from .rundir import read_metrics
 
 LISTOPS_SPLITS = {"test": "test", "val": "test", "train": "train"}
 
@@ -222,14 +223,32 @@ def listops_accuracy(model: nn.Module, data_dir: str | Path, split: str = "test"
 # ----------------------------------------------------------------------------------------------- language
 
 
+@torch.no_grad()
+def split_loss(model: LanguageModel, data_dir: str | Path, split: str = "val",
+               batch_size: int = 32) -> tuple[float, int]:
+    """Mean loss per target token over the whole split (every token but the first predicted once), and
+    the number of targets."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for x, y in TokenStream(data_dir, split).iter_sequential(batch_size, model.config.block_size):
+        _, loss = model(x.to(device), y.to(device))
+        total += loss.double() * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    return (total / count).item(), count
+
+
+
 def overfitting_curve(run_dir: str | Path) -> dict[str, list[float]]:
     """The evaluations recorded in ``run_dir/metrics.jsonl`` (records with ``val_loss``), in order:
     ``iter``, ``train_loss``, ``val_loss`` and ``gap`` = val_loss - train_loss (the over-fitting measure)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise DataError(f"{path} does not exist: give a run directory written by `nrgpt train`")
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    evals = [r for r in records if "val_loss" in r and "train_loss" in r]
+    evals = [r for r in read_metrics(run_dir) if "val_loss" in r and "train_loss" in r]
     if not evals:
         raise DataError(f"{path} has no evaluation records (with train_loss and val_loss) yet")
     curve: dict[str, list[float]] = {"iter": [], "train_loss": [], "val_loss": [], "gap": []}
@@ -324,7 +343,7 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
     """``nrgpt eval --task listops`` (split val = the test samples) or ``--task quality``; returns the
     printable results and writes all of them to ``--json`` if given."""
     from .checkpoint import load_model
-    from .train import pick_device
+    from .device import pick_device
 
     model, config = load_model(args.run, device=pick_device(args.device), which=args.checkpoint)
     data_dir = args.data_dir or config.data.dir

@@ -18,14 +18,12 @@ from typing import Any
 
 import torch
 
+from .checkpoint import load_matching, torch_load_safely
 from .config import ModelConfig
+from .errors import CheckpointError, first_line
 from .model import LanguageModel, build_model
 
 REFERENCE_CLASSES = ("NRGPT_H_FF2W", "NRGPT_H_FF1", "NRGPT_H_FF2", "GPT_Rec_parallel", "GPT_Rec", "GPT")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read; the message says what is wrong."""
 
 
 def reference_config(checkpoint: dict[str, Any]) -> ModelConfig:
@@ -101,10 +99,7 @@ def load_reference_checkpoint(path: str | Path, map_location: str | torch.device
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is reported the same way
-        raise CheckpointError(f"cannot read {path} as a weights-only torch checkpoint: {e}") from None
+    ckpt = torch_load_safely(path, map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path} is not a reference-code checkpoint (no 'model' state dict)")
     cfg = reference_config(ckpt)
@@ -112,7 +107,7 @@ def load_reference_checkpoint(path: str | Path, map_location: str | torch.device
     model = build_model(cfg)
     try:
         state = _convert_state(cls, ckpt["model"], cfg)
-        model.load_state_dict(state, strict=True)
-    except (KeyError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: weights do not match a {cls} of the saved shape ({e})") from None
+    except (KeyError, RuntimeError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: weights do not match a {cls} of the saved shape ({first_line(e)})") from None
+    load_matching(model, state, path)
     return model.eval()

@@ -33,7 +33,8 @@ from matplotlib.figure import Figure
 from .config import ConfigError
 from .metrics import LogisticFit, fit_logistic
 from .plots import new_figure, png_bytes
-from .sweep import RESULT, SPEC, best_table, collect_results, format_cell, markdown_table
+from .rundir import read_metrics
+from .tables import RESULT, SPEC, best_table, collect_results, format_cell, markdown_table
 
 LEVEL = 0.8  # accuracy that marks the "transition to learning" (Figure 3)
 # Crossings of 80% reported by the paper (Figure 3), for comparison.
@@ -145,9 +146,7 @@ def loss_curve_figure(run_dir: Path) -> Figure:
     """The training batch loss of every log step and the evaluated train/validation losses of a run."""
     from .evaluate import overfitting_curve
 
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-               if line.strip()]
-    steps = [r for r in records if "loss" in r]
+    steps = [r for r in read_metrics(run_dir) if "loss" in r]
     fig, axes = new_figure(panel_size=(7, 4))
     ax = axes[0, 0]
     ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps], lw=0.8, alpha=0.5, label="training batch loss")

@@ -19,9 +19,9 @@ import torch
 from .checkpoint import load_model
 from .config import ConfigError
 from .data import Tokenizer, load_tokenizer
+from .device import pick_device
 from .model import LanguageModel
 from .runconfig import DEVICES
-from .train import pick_device
 
 
 def _note(message: str) -> None:

@@ -54,13 +54,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import dataclasses
-import io
 import itertools
 import json
 import math
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -70,15 +67,23 @@ from typing import Any
 from .config import ConfigError
 from .data import load_meta
 from .runconfig import RunConfig, load_preset, merge
+from .rundir import write_text_atomic
+from .tables import (
+    QUALITY,
+    RESULT,
+    SPEC,
+    best_per_model,
+    collect_results,
+    format_cell,
+    markdown_table,
+    write_tables,
+)
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-RESULT = "sweep_result.json"
-QUALITY = "quality.json"
-SPEC = "sweep.toml"
 TOP_KEYS = ("name", "out_dir", "extends", "base", "grid", "budget", "eval")
 
 # Columns of the results table taken from each run's config (then the other grid keys, then metrics).
@@ -86,8 +91,6 @@ CONFIG_COLUMNS = {
     "model": "model.preset", "n_embd": "model.n_embd", "n_head": "model.n_head", "n_steps": "model.n_steps",
     "lr": "train.lr", "min_lr": "train.min_lr", "schedule": "train.schedule",
 }
-# What "best run" means for each kind of sweep: (column, larger is better).
-BEST_BY = {"listops": ("accuracy", True), "language": ("best_val_loss", False)}
 
 
 class SweepError(ConfigError):
@@ -413,13 +416,6 @@ def dump_toml(data: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------- running
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def prepare_sweep_dir(sweep: Sweep) -> Path:
     """Create the sweep directory and write ``sweep.toml``; SweepError if it holds a sweep with another base
     config or budget (its finished runs would not be comparable)."""
@@ -436,7 +432,7 @@ def prepare_sweep_dir(sweep: Sweep) -> Path:
                                  f"{before.get(changed[0])!r} there, {after.get(changed[0])!r} now); "
                                  "use another out_dir")
     sweep.out_dir.joinpath("runs").mkdir(parents=True, exist_ok=True)
-    _write_atomic(spec_path, dump_toml(sweep.spec()))
+    write_text_atomic(spec_path, dump_toml(sweep.spec()))
     return sweep.out_dir
 
 
@@ -480,7 +476,7 @@ def run_sweep(sweep: Sweep, shard: tuple[int, int] = (0, 1), train_fn: TrainFn |
                 log(f"{tag}: interrupted; run the sweep again to resume it")
                 break
             result = evaluate_point(point, summary, sweep.eval)
-        _write_atomic(point.run_dir / RESULT, json.dumps(result, indent=2) + "\n")
+        write_text_atomic(point.run_dir / RESULT, json.dumps(result, indent=2) + "\n")
         log(f"{tag}: {_headline(result)}")
     results = collect_results(sweep.out_dir)
     if sweep.eval.quality_samples and all(is_finished(p.run_dir) for p in sweep.points):
@@ -537,8 +533,8 @@ def evaluate_point(point: Point, summary: dict[str, Any], spec: EvalSpec) -> dic
     record.update(loss_summary(point.run_dir))
     if record["kind"] == "listops":
         from .checkpoint import load_model
+        from .device import pick_device
         from .evaluate import listops_accuracy
-        from .train import pick_device
 
         model, config = load_model(point.run_dir, device=pick_device(point.config.system.device), which="best")
         acc = listops_accuracy(model, config.data.dir, max_samples=spec.listops_samples or None)
@@ -546,32 +542,6 @@ def evaluate_point(point: Point, summary: dict[str, Any], spec: EvalSpec) -> dic
         record["accuracy_heldout"] = acc.get("heldout")
         record.update({f"accuracy_{op}": v for op, v in sorted(acc.get("per_op", {}).items())})
     return record
-
-
-def collect_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
-    """The ``sweep_result.json`` of every finished run under ``sweep_dir/runs``, sorted by model, size and slug."""
-    runs = Path(sweep_dir) / "runs"
-    results = [json.loads(p.read_text(encoding="utf-8")) for p in sorted(runs.glob(f"*/{RESULT}"))]
-    for result in results:
-        quality = runs / result["slug"] / QUALITY
-        if quality.is_file():
-            result["quality"] = json.loads(quality.read_text(encoding="utf-8"))
-    return sorted(results, key=lambda r: (str(r.get("model")), r.get("n_params") or 0, r["slug"]))
-
-
-def best_per_model(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The best run of each model (by accuracy for ListOps, else by best validation loss); ties go to the
-    smaller model."""
-    best: dict[str, dict[str, Any]] = {}
-    for result in results:
-        column, larger = BEST_BY[result["kind"]]
-        if result.get(column) is None:
-            continue
-        key = ((-1 if larger else 1) * result[column], result.get("n_params") or 0)
-        current = best.get(result["model"])
-        if current is None or key < current[0]:
-            best[result["model"]] = (key, result)
-    return [best[m][1] for m in sorted(best)]
 
 
 def add_quality(sweep: Sweep, results: list[dict[str, Any]], log: Callable[[str], None]) -> None:
@@ -586,75 +556,8 @@ def add_quality(sweep: Sweep, results: list[dict[str, Any]], log: Callable[[str]
         log(f"generation quality of {result['slug']} ({sweep.eval.quality_samples} samples)")
         quality = generation_quality_for_model(run_dir, n_samples=sweep.eval.quality_samples,
                                                max_new_tokens=sweep.eval.quality_tokens)
-        _write_atomic(run_dir / QUALITY, json.dumps(quality, indent=2) + "\n")
+        write_text_atomic(run_dir / QUALITY, json.dumps(quality, indent=2) + "\n")
         result["quality"] = quality
-
-
-# ----------------------------------------------------------------------------------------------- tables
-
-
-def format_cell(value: Any) -> str:
-    """A table cell: 4 significant digits for floats, thousands separators for large ints, '' for None."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, int) and abs(value) >= 10_000:
-        return f"{value:,}"
-    return str(value)
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub Markdown table; cells go through ``format_cell``."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
-    lines += ["| " + " | ".join(format_cell(c).replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def table_columns(results: list[dict[str, Any]]) -> list[str]:
-    """All scalar columns of the results, in first-seen order."""
-    columns: dict[str, None] = {}
-    for result in results:
-        columns.update({k: None for k, v in result.items() if not isinstance(v, (dict, list))})
-    return list(columns)
-
-
-QUALITY_COLUMNS = ("perplexity", "gqs", "apcs", "distinct_1", "distinct_2")
-BEST_COLUMNS = ("model", "lr", "min_lr", "n_steps", "n_head", "n_embd", "n_params")
-
-
-def best_table(results: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """Tables 4/6: the best configuration of each model, with its score and generation-quality metrics
-    (empty where not computed; the metrics whose optional extra is not installed are listed as missing)."""
-    best = best_per_model(results)
-    score = sorted({BEST_BY[r["kind"]][0] for r in best})
-    with_quality = any("quality" in r for r in best)
-    headers = [*BEST_COLUMNS, *score, *(QUALITY_COLUMNS if with_quality else ())]
-    rows = [[r.get(c, r.get("quality", {}).get(c)) for c in headers] for r in best]
-    if with_quality:
-        headers.append("missing")
-        for row, r in zip(rows, best):
-            row.append(", ".join(r.get("quality", {}).get("missing", [])))
-    return headers, rows
-
-
-def write_tables(sweep_dir: str | Path, results: list[dict[str, Any]]) -> None:
-    """``results.csv`` (every column) and ``results.md`` (all runs, then the best run of each model)."""
-    sweep_dir = Path(sweep_dir)
-    columns = table_columns(results)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(results)
-    _write_atomic(sweep_dir / "results.csv", buffer.getvalue())
-    shown = [c for c in columns if c not in ("kind", "slug")]
-    text = [f"# Sweep {sweep_dir.name}: {len(results)} finished runs\n", "## All runs\n",
-            markdown_table(shown, [[r.get(c) for c in shown] for r in results])]
-    if results:
-        text += ["\n## Best configuration of each model\n", markdown_table(*best_table(results))]
-    _write_atomic(sweep_dir / "results.md", "\n".join(text))
 
 
 def parse_shard(text: str) -> tuple[int, int]:

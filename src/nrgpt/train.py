@@ -39,18 +39,15 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, distributed
-from .config import ConfigError, ModelConfig
+from .config import ModelConfig
 from .data import TokenStream, load_meta
+from .device import autocast_dtype, pick_device
+from .errors import CheckpointError, ConfigError, DivergenceError
 from .model import LanguageModel, build_model
-from .reference import CheckpointError
 from .runconfig import RunConfig, TrainConfig, add_arguments, resolve_config
 
 EVAL_SEED = 0
 RUN_FILES = ("config.json", "metrics.jsonl", "metrics.csv", "result.json", "tensorboard")
-
-
-class DivergenceError(RuntimeError):
-    """The loss or the gradient became non-finite; the message names the step and the last good checkpoint."""
 
 
 # ------------------------------------------------------------------------------------------- pieces
@@ -78,25 +75,6 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device
     ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, betas=(tc.beta1, tc.beta2),
                              fused=device.type == "cuda" or None)
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """``system.device`` as a torch device ('auto': cuda, then mps, then cpu); ConfigError if unavailable."""
-    has_mps = torch.backends.mps.is_available()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("system.device = 'cuda' but CUDA is not available here; use --device cpu or auto")
-    if name == "mps" and not has_mps:
-        raise ConfigError("system.device = 'mps' but MPS is not available here; use --device cpu or auto")
-    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
-
-
-def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``system.dtype`` (None: plain float32); 'auto' is bfloat16 on a GPU that has it."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if name == "bfloat16" else None
 
 
 def check_run(config: RunConfig) -> tuple[ModelConfig, dict[str, Any]]:
@@ -485,24 +463,6 @@ def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, q
         return trainer.run()
     finally:
         trainer.close()
-
-
-@torch.no_grad()
-def split_loss(model: LanguageModel, data_dir: str | Path, split: str = "val",
-               batch_size: int = 32) -> tuple[float, int]:
-    """Mean loss per target token over the whole split (every token but the first predicted once), and
-    the number of targets."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
-    for x, y in TokenStream(data_dir, split).iter_sequential(batch_size, model.config.block_size):
-        _, loss = model(x.to(device), y.to(device))
-        total += loss.double() * y.numel()
-        count += y.numel()
-    model.train(was_training)
-    return (total / count).item(), count
 
 
 # ------------------------------------------------------------------------------------------- command line

@@ -23,13 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import DataError
+
 KINDS = ("char", "listops", "bpe", "gpt2")
 SPLITS = ("train", "val")
 _REQUIRED_META = ("kind", "vocab_size", "dtype", "eos_id", "train_tokens", "val_tokens", "source")
-
-
-class DataError(ValueError):
-    """Bad input to a data function. The message is one line: what is wrong and how to fix it."""
 
 
 def token_dtype(vocab_size: int) -> str:
