@@ -78,7 +78,7 @@ def test_saved_config_round_trips(run_dir):
     (["train.lrr=1"], "unknown config key train.lrr"),
     (["model.n_embdd=1"], "unknown config key model.n_embdd"),
     (["train.lr=fast"], "train.lr = 'fast' must be a number"),
-    (["train.lr=-1"], "train.lr = -1.0 must be > 0"),
+    (["train.lr=-1"], "train.lr = -1.0 must be a finite number > 0"),
     (["train.min_lr=1", "train.lr=0.1"], "train.min_lr = 1.0 must be <= train.lr"),
     (["train.schedule=linear"], "train.schedule = 'linear' is not allowed"),
     (["model.preset=GPT3"], "model.preset = 'GPT3' is not allowed"),

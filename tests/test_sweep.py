@@ -139,7 +139,7 @@ def test_resolved_sweep_toml_round_trips(tmp_path):
     ("[grid]\nmodel.n_embd = 8\n[budget]\niters = 5\n", "must be a list"),
     ("[grid]\nmodel.n_embd = [8, 'x']\n[budget]\niters = 5\n", "model.n_embd = 'x' must be of type int"),
     ("[grid]\nmodel.n_embed = [8]\n[budget]\niters = 5\n", "unknown model config key(s): n_embed"),
-    ("[grid]\ntrain.lr = [-1.0]\n[budget]\niters = 5\n", "train.lr = -1.0 must be > 0"),
+    ("[grid]\ntrain.lr = [-1.0]\n[budget]\niters = 5\n", "train.lr = -1.0 must be a finite number > 0"),
     ("[grid]\nmodel.n_embd = [10]\nmodel.n_head = [3]\n[budget]\niters = 5\n", "not divisible"),
     ("[grid]\nmodel.n_embd = [8, 8]\n[budget]\niters = 5\n", "lists a value twice"),
     ("[grid]\nmodel.n_embd = [8]\n", "[budget] sets neither"),
@@ -209,7 +209,7 @@ def test_results_table_and_best_per_model(tmp_path):
 # ------------------------------------------------------------------------------------------ running
 
 
-def fake_train(config, *, resume, quiet, calls=None, losses=(2.0, 1.0)):
+def fake_train(config, *, resume, overwrite, quiet, calls=None, losses=(2.0, 1.0)):
     """A stand-in for nrgpt.train.train: writes a 'best' checkpoint of the untrained model and two evaluations."""
     from nrgpt.checkpoint import save_checkpoint
     from nrgpt.data import load_meta
@@ -331,5 +331,5 @@ def test_real_tiny_listops_sweep_end_to_end(tmp_path, listops_dir, capsys):
     sweep = load_sweep(path, out_dir=out)
     calls = []
     results = run_sweep(sweep, train_fn=lambda c, **kw: calls.append(kw) or train(c, **kw), log=lambda _: None)
-    assert calls == [{"resume": True, "quiet": False}] and len(results) == 2
+    assert calls == [{"resume": True, "overwrite": False, "quiet": False}] and len(results) == 2
     assert json.loads((run_dir / "result.json").read_text())["iters"] == 6

@@ -170,8 +170,9 @@ def check_resume_state(state: Any, path: Path) -> dict[str, Any]:
 
 
 def check_optimizer_state(state: dict[str, Any], params: list[torch.nn.Parameter], where: Path) -> None:
-    """Every AdamW moment in a saved optimizer state has the shape of its parameter; CheckpointError otherwise
-    (torch would only fail at the first step, after the resume)."""
+    """Every AdamW moment in a saved optimizer state has the shape of its parameter (``params`` in the
+    optimizer's order: its groups' parameters one after another); CheckpointError otherwise (torch would only
+    fail at the first step after the resume)."""
     saved = state["optimizer"]["state"]
     for index, param in enumerate(params):
         for name, value in saved.get(index, {}).items():
@@ -227,10 +228,11 @@ def _load(run_or_ckpt: str | Path, device: str | torch.device, which: str) -> tu
 
 
 def load_run(run_or_ckpt: str | Path, device: str | torch.device = "cpu", which: str = "best",
-             data_dir: str | Path | None = None) -> tuple[LanguageModel, RunConfig, str]:
+             data_dir: str | Path | None = None, require_data: bool = True) -> tuple[LanguageModel, RunConfig, str]:
     """``load_model`` plus the dataset to use it with: ``data_dir`` if given, else the run's ``data.dir`` as
     written when it exists from here, else the absolute directory recorded at training (so a run works from
-    any working directory). DataError if the dataset's vocabulary is not the one the model was trained on."""
+    any working directory). DataError if the dataset's vocabulary is not the one the model was trained on, or
+    if no dataset is found (unless ``require_data`` is false: the dataset is then None)."""
     model, config, info = _load(run_or_ckpt, device, which)
     trained = info.get("dataset")
     if data_dir is None:
@@ -238,6 +240,8 @@ def load_run(run_or_ckpt: str | Path, device: str | torch.device = "cpu", which:
         if not Path(data_dir).is_dir() and trained and Path(trained["dir"]).is_dir():
             data_dir = trained["dir"]
         if not Path(data_dir).is_dir():
+            if not require_data:
+                return model, config, None
             raise DataError(f"the run's dataset {config.data.dir} is not found from {Path.cwd()}; pass --data-dir "
                             "with the prepared dataset it was trained on")
     meta = load_meta(data_dir)

@@ -14,25 +14,27 @@ configuration, missing data or checkpoint) prints one line, ``nrgpt: error: ...`
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.util
 import math
+import os
 import shutil
 import sys
+import tempfile
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
-from .config import ConfigError
-from .data import DataError
-from .reference import CheckpointError
-from .train import DivergenceError
+from .argtypes import integer, number, seed
+from .errors import ConfigError, DivergenceError, UserError, first_line
 
 # The modules that add subcommands, in the order `nrgpt --help` lists them. Add yours here.
 COMMAND_MODULES = ("nrgpt.cli", "nrgpt.train", "nrgpt.sample", "nrgpt.sweep", "nrgpt.report", "nrgpt.dynamics")
 
 EVAL_TASKS = ("loss", "listops", "quality")
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
 
 
 # ------------------------------------------------------------------------------------------- prepare
@@ -78,7 +80,7 @@ def _register_prepare(subparsers: argparse._SubParsersAction) -> None:
                                               "../shared/data, then download)")
     listops = kinds.add_parser("listops", help="generate ListOps (out: data/listops)")
     listops.add_argument("--preset", default="reference", help="reference (the authors' dataset) or paper")
-    listops.add_argument("--seed", type=int, default=0)
+    listops.add_argument("--seed", type=seed, default=0)
     listops.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a generation parameter, e.g. --set n_train=1000 --set 'ops=[max, min]'")
     imported = kinds.add_parser("import-listops", help="import ListOps train/test text files (out: data/listops)")
@@ -88,9 +90,9 @@ def _register_prepare(subparsers: argparse._SubParsersAction) -> None:
     corpus.add_argument("inputs", nargs="*", help=".txt/.jsonl files or directories of them")
     corpus.add_argument("--hf", action="append", default=[], metavar="NAME", help="a Hugging Face dataset name")
     corpus.add_argument("--tokenizer", choices=("bpe", "gpt2", "char"), default="bpe")
-    corpus.add_argument("--vocab-size", type=int, default=4096, help="for --tokenizer bpe (default 4096)")
-    corpus.add_argument("--val-fraction", type=float, default=0.005)
-    corpus.add_argument("--workers", type=int, default=None, help="tokenising processes (default: all CPUs)")
+    corpus.add_argument("--vocab-size", type=integer(2), default=4096, help="for --tokenizer bpe (default 4096)")
+    corpus.add_argument("--val-fraction", type=number(0, 1, strict=True), default=0.005)
+    corpus.add_argument("--workers", type=integer(1), default=None, help="tokenising processes (default: all CPUs)")
     corpus.add_argument("--text-field", default="text", help="the text field of .jsonl / HF records")
     for kind in (shakespeare, listops, imported, corpus):
         kind.add_argument("--out", help="output directory")
@@ -102,12 +104,12 @@ def _register_prepare(subparsers: argparse._SubParsersAction) -> None:
 
 def evaluate_loss(args: argparse.Namespace) -> dict[str, float]:
     """Mean loss and perplexity over the whole split."""
-    from .checkpoint import load_model
+    from .checkpoint import load_run
     from .device import pick_device
     from .evaluate import split_loss
 
-    model, config = load_model(args.run, device=pick_device(args.device), which=args.checkpoint)
-    loss, tokens = split_loss(model, args.data_dir or config.data.dir, args.split, args.batch_size)
+    model, _, data_dir = load_run(args.run, pick_device(args.device), args.checkpoint, args.data_dir)
+    loss, tokens = split_loss(model, data_dir, args.split, args.batch_size)
     return {f"{args.split}_loss": loss, "perplexity": math.exp(loss), "tokens": tokens}
 
 
@@ -131,7 +133,7 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--task", choices=EVAL_TASKS, default="loss",
                    help="loss: mean loss and perplexity over the whole split; listops, quality: nrgpt.evaluate")
     p.add_argument("--split", choices=("val", "train"), default="val")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=integer(1), default=32)
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--data-dir", help="the dataset, if not the run's data.dir")
@@ -152,17 +154,20 @@ def quickstart(args: argparse.Namespace) -> int:
     from .train import train
 
     config = resolve_config("quickstart", args.overrides)
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues the quickstart run and --overwrite starts it over: give one of them")
     if not (Path(config.data.dir) / "meta.json").is_file():
         print(f"preparing Tiny Shakespeare characters in {config.data.dir}")
         data.prepare_shakespeare_char(config.data.dir)
-    result = train(config, resume=args.resume, overwrite=not args.resume)
+    tokenizer = data.load_tokenizer(config.data.dir)
+    tokenizer.encode(args.prompt)  # a prompt it cannot encode is an error now, not after the training
+    result = train(config, resume=args.resume, overwrite=args.overwrite)
     if result["status"] == "interrupted":
         print(f"interrupted at iter {result['iters']} (checkpoint saved); continue by running the same command "
               "with --resume", file=sys.stderr)
         return 130
     model, config = load_model(config.out_dir)
     loss, tokens = split_loss(model, config.data.dir, "val", 64)
-    tokenizer = data.load_tokenizer(config.data.dir)
     width = shutil.get_terminal_size().columns
     print("=" * width)
     for text in generate_text(model, tokenizer, args.prompt, num_samples=2, max_new_tokens=400, temperature=0.8,
@@ -182,6 +187,7 @@ def _register_quickstart(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("quickstart", help="prepare Tiny Shakespeare, train NRGPT on the CPU for a few "
                                                  "minutes, sample and evaluate (run dir: runs/quickstart)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted quickstart")
+    p.add_argument("--overwrite", action="store_true", help="start over, replacing the run in the output directory")
     p.add_argument("--prompt", default="", help="prompt for the printed samples")
     add_arguments(p, preset=False)
     p.set_defaults(func=quickstart)
@@ -197,25 +203,66 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------------------------------------- main
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``nrgpt COMMAND: error: ...; see nrgpt COMMAND --help``, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nrgpt", description="NRGPT: train, sample and evaluate energy-based "
-                                                                "GPTs and their baselines.")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(prog="nrgpt", description="NRGPT: train, sample and evaluate energy-based GPTs and their "
+                                                "baselines.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an unexpected error (default: one line and a log file)")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser
 
 
+def _os_error(e: OSError) -> str:
+    """An operating-system error as one line: what failed, on which path, and what to do."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    hint = {errno.ENOSPC: "free some space or write elsewhere", errno.EROFS: "write somewhere writable",
+            errno.EACCES: "check the permissions or write elsewhere", errno.EISDIR: "give a file, not a directory",
+            errno.ENOTDIR: "a part of the path is a file, not a directory", errno.ENOENT: "check the path",
+            errno.EDQUOT: "free some space or write elsewhere"}.get(e.errno, "check the path and the disk")
+    return f"{e.strerror or first_line(e)}{f': {where}' if where else ''} ({hint})"
+
+
+def _internal_error(e: BaseException) -> str:
+    """Write the traceback of an unexpected error to a log file; return the one line that points to it."""
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+    try:
+        fd, path = tempfile.mkstemp(prefix="nrgpt-error-", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f"nrgpt {' '.join(sys.argv[1:])}\n\n{text}")
+        where = f"the traceback is in {path}"
+    except OSError:
+        where = "rerun with --debug for the traceback"
+    return f"internal error ({type(e).__name__}: {first_line(e)}); {where}; please report it"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure ends in one line on stderr and a non-zero exit status: 2 for a problem
+    with the input or the machine (what is wrong and how to fix it), 1 for a diverged run or an internal
+    error (with the path of a log holding its traceback; ``--debug`` shows it instead), 130 when interrupted."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except USER_ERRORS as e:
-        print(f"nrgpt: error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        message, code = first_line(e, 1000), 2
     except DivergenceError as e:
-        print(f"nrgpt: error: {e}", file=sys.stderr)
-        return 1
+        message, code = str(e), 1
+    except OSError as e:
+        message, code = _os_error(e), 2
     except KeyboardInterrupt:
         print("nrgpt: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        message, code = _internal_error(e), 1
+    print(f"nrgpt: error: {message}", file=sys.stderr)
+    return code

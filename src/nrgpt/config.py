@@ -8,6 +8,7 @@ Every architectural choice of the paper and of the authors' reference code is a 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -108,8 +109,8 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} = {getattr(self, name)!r} must be true or false")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout = {self.dropout!r} must be a number in [0, 1)")
-        if not isinstance(self.eta_init, (int, float)) or not self.eta_init > 0:
-            raise ConfigError(f"model.eta_init = {self.eta_init!r} must be a positive number")
+        if not isinstance(self.eta_init, (int, float)) or not 0 < self.eta_init < math.inf:
+            raise ConfigError(f"model.eta_init = {self.eta_init!r} must be a finite positive number")
         if self.n_embd % self.n_head != 0:
             raise ConfigError(
                 f"model.n_embd = {self.n_embd} is not divisible by model.n_head = {self.n_head}; "
@@ -153,6 +154,8 @@ class ModelConfig:
 
 
 def _check_type(name: str, value: Any, expected: type) -> None:
+    if expected is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} = {value!r} must be a finite number")
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return
     if expected is int and isinstance(value, bool):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .errors import ConfigError
@@ -24,3 +26,20 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if name == "bfloat16" else None
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def check_threads(threads: int) -> None:
+    """ConfigError if ``system.threads`` asks for more CPU threads than this machine gives the process (torch
+    would try to start them all, and can crash)."""
+    cpus = available_cpus()
+    if threads > cpus:
+        raise ConfigError(f"system.threads = {threads} is more than the {cpus} CPUs this process may use; use 0 "
+                          f"(torch's default) or a number from 1 to {cpus}")

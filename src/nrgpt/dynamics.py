@@ -56,6 +56,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .argtypes import integer, integers, number, numbers, seed
 from .energy import EnergyBlock
 from .evaluate import ListOpsSamples, load_listops_samples, score_listops
 from .layers import KVCache
@@ -422,16 +423,18 @@ def _note(message: str) -> None:
     print(f"nrgpt: note: {message}", file=sys.stderr)
 
 
-def load_any(path: str | Path, device: torch.device, which: str = "best") -> tuple[LanguageModel, str | None]:
-    """A model from a run / checkpoint directory (with its dataset directory) or a reference-code
-    checkpoint file (no dataset)."""
-    from .checkpoint import load_model
+def load_any(path: str | Path, device: torch.device, which: str = "best",
+             data_dir: str | None = None) -> tuple[LanguageModel, str | None]:
+    """A model from a run / checkpoint directory (with its dataset directory: ``data_dir`` if given, checked
+    against the model's vocabulary, else the run's when it is found) or a reference-code checkpoint file
+    (``data_dir`` or no dataset)."""
+    from .checkpoint import load_run
     from .reference import load_reference_checkpoint
 
     if Path(path).is_file():
-        return load_reference_checkpoint(path, map_location=device), None
-    model, config = load_model(path, device=device, which=which)
-    return model, config.data.dir
+        return load_reference_checkpoint(path, map_location=device), data_dir
+    model, _, data_dir = load_run(path, device, which, data_dir, require_data=False)
+    return model, data_dir
 
 
 def _input_batch(args: argparse.Namespace, model: LanguageModel, data_dir: str | None,
@@ -447,7 +450,10 @@ def _input_batch(args: argparse.Namespace, model: LanguageModel, data_dir: str |
         x, _ = stream.get_batch(args.batch, length, torch.Generator().manual_seed(args.seed))
         return x.to(device), f"{args.batch} windows of {length} tokens from the {args.split} split of {args.data}"
     if args.ids:
-        ids = [int(i) for i in args.ids.split(",")]
+        ids = args.ids
+        vocab = model.config.vocab_size
+        if max(ids) >= vocab:
+            raise ConfigError(f"--ids: token id {max(ids)} is outside the model's vocabulary (0 to {vocab - 1})")
         source = "token ids"
     else:
         tokenizer_dir = args.tokenizer or data_dir
@@ -500,14 +506,17 @@ def main(args: argparse.Namespace) -> int:
     from .device import pick_device
 
     device = pick_device(args.device)
-    model, data_dir = load_any(args.checkpoint, device, args.which)
+    batch = args.batch if args.data else 1
+    if args.sequence >= batch:
+        raise ConfigError(f"--sequence {args.sequence} is not in the batch of {batch} sequence(s); count from 0")
+    model, data_dir = load_any(args.run, device, args.checkpoint, args.data or args.tokenizer)
     try:
         model = require_energy_model(model)
     except TypeError as e:
         raise ConfigError(str(e)) from None
     recorded = copy.deepcopy(model).double() if args.precision == "float64" else model
     steps = args.steps or model.config.n_steps
-    path = Path(args.checkpoint)
+    path = Path(args.run)
     out = Path(args.out) if args.out else (Path("dynamics") / path.stem if path.is_file() else path / "dynamics")
     out.mkdir(parents=True, exist_ok=True)
     idx, source = _input_batch(args, model, data_dir, device)
@@ -521,7 +530,7 @@ def main(args: argparse.Namespace) -> int:
     save_png(energy_figure(dyn, args.sequence, log_grad=not args.linear_grad, title=title), out / "energy.png")
     save_png(descent_figure(dyn, args.energy_tol, title=f"{name}: descent and settling"), out / "descent.png")
     if args.early_exit:
-        tolerances = [float(t) for t in args.early_exit.split(",")]
+        tolerances = args.early_exit
         data = _early_exit_data(args, idx, data_dir)
         max_steps = args.early_exit_steps or model.config.n_steps
         summary["early_exit"] = early_exit_curve(model, data, tolerances, max_steps=max_steps)
@@ -543,33 +552,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Record every token's total, attention and FF energy and gradient norm at every step of an "
                     "NRGPT checkpoint (run dir, checkpoint dir or reference-code .pt), write energy.png, "
                     "descent.png, dynamics.npz and summary.json, and print the summary.")
-    p.add_argument("checkpoint", help="run directory, checkpoint directory or reference-code checkpoint file")
+    p.add_argument("run", help="run directory, checkpoint directory or reference-code checkpoint file")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="text to run (encoded with the run's tokenizer or --tokenizer)")
-    src.add_argument("--ids", help="comma-separated token ids to run")
+    src.add_argument("--ids", type=integers(0), help="comma-separated token ids to run")
     src.add_argument("--data", help="a prepared dataset directory: run --batch random windows of it")
     p.add_argument("--split", choices=("val", "train"), default="val", help="with --data (default val)")
-    p.add_argument("--batch", type=int, default=4, help="with --data: number of windows (default 4)")
-    p.add_argument("--length", type=int, default=None, help="with --data: window length (default block_size)")
-    p.add_argument("--seed", type=int, default=0, help="with --data: seed of the window offsets")
+    p.add_argument("--batch", type=integer(1), default=4, help="with --data: number of windows (default 4)")
+    p.add_argument("--length", type=integer(2), default=None, help="with --data: window length (default block_size)")
+    p.add_argument("--seed", type=seed, default=0, help="with --data: seed of the window offsets")
     p.add_argument("--tokenizer", help="dataset directory whose tokenizer encodes --prompt (default: the run's)")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=integer(1), default=None,
                    help="steps to run (default: the trained number; more probes asymptotic stability)")
     p.add_argument("--out", help="output directory (default: RUN/dynamics, or dynamics/NAME for a .pt file)")
-    p.add_argument("--early-exit", metavar="TOL1,TOL2,...",
+    p.add_argument("--early-exit", metavar="TOL1,TOL2,...", type=numbers(0),
                    help="gradient-norm tolerances: loss (or ListOps accuracy) against average steps, vs fixed steps")
-    p.add_argument("--early-exit-steps", type=int, default=None,
+    p.add_argument("--early-exit-steps", type=integer(1), default=None,
                    help="most steps a token may take under early exit (default: the trained number)")
-    p.add_argument("--early-exit-samples", type=int, default=200,
+    p.add_argument("--early-exit-samples", type=integer(1), default=200,
                    help="ListOps test samples scored per early-exit point (default 200)")
-    p.add_argument("--energy-tol", type=float, default=DEFAULT_ENERGY_TOL,
+    p.add_argument("--energy-tol", type=number(0), default=DEFAULT_ENERGY_TOL,
                    help="noise floor of an energy change: tol * (1 + |E|) (default 1e-3)")
-    p.add_argument("--sequence", type=int, default=0, help="which sequence of the batch energy.png shows")
+    p.add_argument("--sequence", type=integer(0), default=0, help="which sequence of the batch energy.png shows")
     p.add_argument("--linear-grad", action="store_true", help="linear (not log) scale for the gradient norm")
     p.add_argument("--precision", choices=("float64", "float32"), default="float64",
                    help="arithmetic of the recording (default float64, so that tiny energy changes are not float32 "
                         "noise); early exit runs in the checkpoint's own precision")
     p.add_argument("--save-states", action="store_true", help="also store the states x^(t) in dynamics.npz")
-    p.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint of a run directory")
+    p.add_argument("--checkpoint", "--which", choices=("best", "last"), default="best",
+                   help="which checkpoint of a run directory (default: best)")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.set_defaults(func=main)

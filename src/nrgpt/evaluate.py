@@ -45,6 +45,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .argtypes import integer, number, seed
 from .config import ConfigError
 from .data import DataError, Tokenizer, TokenStream, listops_sample_info, load_tokenizer, read_listops_test
 from .layers import KVCache
@@ -297,15 +298,15 @@ def generation_quality_for_model(model: LanguageModel | str | Path, tokenizer: T
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``nrgpt eval --task listops|quality``."""
     g = parser.add_argument_group("listops and quality tasks")
-    g.add_argument("--max-samples", type=int, default=None, help="listops: score only the first N samples")
-    g.add_argument("--num-samples", type=int, default=16, help="quality: texts to sample (default 16)")
-    g.add_argument("--max-new-tokens", type=int, default=None,
+    g.add_argument("--max-samples", type=integer(1), default=None, help="listops: score only the first N samples")
+    g.add_argument("--num-samples", type=integer(1), default=16, help="quality: texts to sample (default 16)")
+    g.add_argument("--max-new-tokens", type=integer(1), default=None,
                    help="listops: token budget per sample (default: the longest sample); quality: text length "
                         "(default 200)")
     g.add_argument("--prompt", default="", help="quality: prompt of every sample (default: none)")
-    g.add_argument("--temperature", type=float, default=0.8, help="quality: sampling temperature")
-    g.add_argument("--top-k", type=int, default=None, help="quality: sample from the k most likely tokens")
-    g.add_argument("--seed", type=int, default=0, help="quality: sampling seed")
+    g.add_argument("--temperature", type=number(0, strict=True), default=0.8, help="quality: sampling temperature")
+    g.add_argument("--top-k", type=integer(1), default=None, help="quality: sample from the k most likely tokens")
+    g.add_argument("--seed", type=seed, default=0, help="quality: sampling seed")
     g.add_argument("--reference-lm", default=None, metavar="NAME_OR_PATH",
                    help="quality: causal LM that scores the samples' perplexity, a local Hugging Face model "
                         "directory or a cached model name (default: gpt2 from the local cache, if there)")
@@ -342,16 +343,15 @@ def _load_reference_lm(name_or_path: str) -> Any:
 def run_task(args: argparse.Namespace) -> dict[str, Any]:
     """``nrgpt eval --task listops`` (split val = the test samples) or ``--task quality``; returns the
     printable results and writes all of them to ``--json`` if given."""
-    from .checkpoint import load_model
+    from .checkpoint import load_run
     from .device import pick_device
 
-    model, config = load_model(args.run, device=pick_device(args.device), which=args.checkpoint)
-    data_dir = args.data_dir or config.data.dir
+    reference_lm = _load_reference_lm(args.reference_lm) if args.task == "quality" and args.reference_lm else None
+    model, _, data_dir = load_run(args.run, pick_device(args.device), args.checkpoint, args.data_dir)
     if args.task == "listops":
         results = listops_accuracy(model, data_dir, args.split, args.batch_size, args.max_samples,
                                    args.max_new_tokens)
     else:
-        reference_lm = _load_reference_lm(args.reference_lm) if args.reference_lm else None
         results = generation_quality_for_model(
             model, load_tokenizer(data_dir), n_samples=args.num_samples, max_new_tokens=args.max_new_tokens or 200,
             prompt=args.prompt, seed=args.seed, temperature=args.temperature, top_k=args.top_k,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -28,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from .argtypes import SEED_MAX
 from .config import PRESETS, ConfigError, ModelConfig, _check_type
 
 try:
@@ -54,6 +56,7 @@ def _at_least(section: str, obj: Any, names: str, low: float) -> None:
     for name in names.split():
         value = getattr(obj, name)
         _require(value >= low, f"{section}.{name}", value, f"must be >= {low}")
+        _require(math.isfinite(value), f"{section}.{name}", value, "must be a finite number")
 
 
 @dataclass
@@ -108,7 +111,8 @@ class TrainConfig:
     def validate(self) -> None:
         _at_least("train", self, "batch_size grad_accum eval_interval eval_iters", 1)
         _at_least("train", self, "max_iters warmup_iters max_minutes weight_decay grad_clip min_lr", 0)
-        _require(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _require(0 < self.lr < math.inf, "train.lr", self.lr, "must be a finite number > 0")
+        _require(0 <= self.seed <= SEED_MAX, "train.seed", self.seed, f"must be an integer from 0 to {SEED_MAX}")
         _require(self.min_lr <= self.lr, "train.min_lr", self.min_lr, f"must be <= train.lr = {self.lr}")
         _choice("train", self, "schedule", SCHEDULES)
         _require(self.schedule != "exponential" or self.min_lr > 0, "train.min_lr", self.min_lr,
@@ -281,10 +285,13 @@ def parse_value(name: str, text: str, expected: type) -> Any:
             if text.lower() in _TRUE + _FALSE:
                 return text.lower() in _TRUE
             raise ValueError
-        return expected(text)
+        value = expected(text)
     except ValueError:
         kind = {bool: "true or false", int: "an integer", float: "a number"}.get(expected, expected.__name__)
         raise ConfigError(f"{name} = {text!r} must be {kind}") from None
+    if expected is float and not math.isfinite(value):
+        raise ConfigError(f"{name} = {text!r} must be a finite number")
+    return value
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
@@ -295,7 +302,10 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-3")
     section, _, name = key.rpartition(".")
     value = parse_value(key, text.strip(), _field_type(section, name))
-    (data.setdefault(section, {}) if section else data)[name] = value
+    table = data.setdefault(section, {}) if section else data
+    if not isinstance(table, dict):
+        raise ConfigError(f"{section} must be a table of settings, not {table!r}: fix the preset that sets it")
+    table[name] = value
 
 
 # ------------------------------------------------------------------------------------------- presets
@@ -322,6 +332,8 @@ def _read_preset_file(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
         data = yaml.load(text, Loader=_YamlLoader) if path.suffix in (".yaml", ".yml") else tomllib.loads(text)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; save the preset as UTF-8") from None
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"{path} is not valid {path.suffix[1:].upper()}: {str(e).splitlines()[0]}") from None
     return _table(str(path), data or {})
@@ -340,7 +352,7 @@ def load_preset(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any
                               "or give a .toml/.yaml file")
         path = Path(str(resources.files("nrgpt").joinpath("presets", f"{name_or_path}.toml")))
     elif not path.is_file():
-        raise ConfigError(f"preset file {path} does not exist")
+        raise ConfigError(f"preset file {path} {'is a directory' if path.is_dir() else 'does not exist'}")
     if str(path.resolve()) in _seen:
         raise ConfigError(f"preset {path} extends itself (through {' -> '.join(_seen)})")
     data = _read_preset_file(path)

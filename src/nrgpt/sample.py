@@ -10,13 +10,15 @@ command prints the same text.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from .checkpoint import load_model
+from .argtypes import integer, number, seed
+from .checkpoint import load_run
 from .config import ConfigError
 from .data import Tokenizer, load_tokenizer
 from .device import pick_device
@@ -31,8 +33,8 @@ def _note(message: str) -> None:
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None, greedy: bool,
                    num_samples: int, max_new_tokens: int) -> None:
     """ConfigError naming the first impossible sampling option."""
-    if not greedy and not temperature > 0:
-        raise ConfigError(f"--temperature = {temperature} must be > 0 (or use --greedy)")
+    if not greedy and not (temperature > 0 and math.isfinite(temperature)):
+        raise ConfigError(f"--temperature = {temperature} must be a finite number > 0 (or use --greedy)")
     if top_k is not None and top_k < 1:
         raise ConfigError(f"--top-k = {top_k} must be >= 1")
     if top_p is not None and not 0 < top_p <= 1:
@@ -77,11 +79,14 @@ def _prompt(args: argparse.Namespace) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    model, config = load_model(args.run, device=pick_device(args.device), which=args.checkpoint)
+    check_sampling(args.temperature, args.top_k, args.top_p, args.greedy, args.num_samples, args.max_new_tokens)
+    prompt = _prompt(args)
+    model, _, data_dir = load_run(args.run, pick_device(args.device), args.checkpoint, args.data_dir)
+    tokenizer = load_tokenizer(data_dir)
+    tokenizer.encode(prompt)  # unknown symbols: an error before any compilation
     if args.compile:
         model.compile_decode()
-    tokenizer = load_tokenizer(args.data_dir or config.data.dir)
-    texts = generate_text(model, tokenizer, _prompt(args), num_samples=args.num_samples,
+    texts = generate_text(model, tokenizer, prompt, num_samples=args.num_samples,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, greedy=args.greedy, seed=args.seed)
     for i, text in enumerate(texts):
@@ -98,13 +103,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="", help="text to continue (default: start from nothing)")
     prompt.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
-    p.add_argument("-n", "--num-samples", type=int, default=1)
-    p.add_argument("--max-new-tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("-n", "--num-samples", type=integer(1), default=1)
+    p.add_argument("--max-new-tokens", type=integer(0), default=500)
+    p.add_argument("--temperature", type=number(), default=0.8)
+    p.add_argument("--top-k", type=integer(), default=None)
+    p.add_argument("--top-p", type=number(), default=None)
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--checkpoint", choices=("best", "last"), default="best",
                    help="which checkpoint of a run directory (default: best)")
     p.add_argument("--device", choices=DEVICES, default="auto")

@@ -448,13 +448,14 @@ def run_sweep(sweep: Sweep, shard: tuple[int, int] = (0, 1), train_fn: TrainFn |
               quiet: bool = False, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train and evaluate every unfinished point of this shard, one after another, then write the tables.
 
-    ``train_fn(config, resume=..., quiet=...)`` defaults to ``nrgpt.train.train``; a run with a ``last``
-    checkpoint is resumed. A run stopped by a signal (Ctrl-C) stops the sweep, unfinished. A run whose
+    ``train_fn(config, resume=..., overwrite=..., quiet=...)`` defaults to ``nrgpt.train.train``; a run with a
+    ``last`` checkpoint is resumed, one without is started over (what it wrote before its first checkpoint is
+    replaced), and a run that another process is training is skipped. A run stopped by a signal (Ctrl-C) stops the sweep, unfinished. A run whose
     loss diverges is finished with status 'diverged' and no losses (delete its directory to retry it).
     Returns the results of all finished runs of the sweep directory (``collect_results``).
     """
     from .checkpoint import find
-    from .train import DivergenceError
+    from .errors import DivergenceError, RunLockedError
 
     if train_fn is None:
         from .train import train as train_fn
@@ -468,7 +469,10 @@ def run_sweep(sweep: Sweep, shard: tuple[int, int] = (0, 1), train_fn: TrainFn |
         resume = find(point.run_dir / "last") is not None
         log(f"{tag}: {'resuming' if resume else 'training'}")
         try:
-            summary = train_fn(point.config, resume=resume, quiet=quiet)
+            summary = train_fn(point.config, resume=resume, overwrite=not resume, quiet=quiet)
+        except RunLockedError as e:
+            log(f"{tag}: skipped, {e}")
+            continue
         except DivergenceError as e:
             result = {**describe_point(point), "status": "diverged", "error": str(e)}
         else:
@@ -589,12 +593,13 @@ def plan(sweep: Sweep) -> list[list[Any]]:
 
 
 def command(args: argparse.Namespace) -> int:
+    shard = parse_shard(args.shard)
     sweep = load_sweep(args.sweep_file, out_dir=args.out_dir)
     if args.dry_run:
         print(markdown_table(["run", "n_params", "finished"], plan(sweep)), end="")
         print(f"{len(sweep.points)} runs in {sweep.out_dir}")
         return 0
-    run_sweep(sweep, shard=parse_shard(args.shard), quiet=args.quiet)
+    run_sweep(sweep, shard=shard, quiet=args.quiet)
     if args.report:
         from .report import write_report
 

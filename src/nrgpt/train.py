@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import math
-import shutil
 import signal
 import sys
 import threading
@@ -41,13 +39,13 @@ from tqdm import tqdm
 from . import checkpoint, distributed
 from .config import ModelConfig
 from .data import TokenStream, load_meta
-from .device import autocast_dtype, pick_device
-from .errors import CheckpointError, ConfigError, DivergenceError
+from .device import autocast_dtype, check_threads, pick_device
+from .errors import CheckpointError, ConfigError, DivergenceError, first_line
 from .model import LanguageModel, build_model
 from .runconfig import RunConfig, TrainConfig, add_arguments, resolve_config
+from .rundir import RUN_FILES, MetricsLog, RunLock, clear_run
 
 EVAL_SEED = 0
-RUN_FILES = ("config.json", "metrics.jsonl", "metrics.csv", "result.json", "tensorboard")
 
 
 # ------------------------------------------------------------------------------------------- pieces
@@ -93,56 +91,6 @@ def check_run(config: RunConfig) -> tuple[ModelConfig, dict[str, Any]]:
     return mc, meta
 
 
-class MetricsLog:
-    """metrics.jsonl and metrics.csv in the run directory, plus TensorBoard and W&B when enabled."""
-
-    COLUMNS = ("iter", "loss", "lr", "tokens_per_s", "elapsed", "train_loss", "val_loss")
-
-    def __init__(self, run_dir: Path, config: RunConfig, keep_before: int | None):
-        """Start the logs; a resumed run (``keep_before`` = its start step) keeps the records of steps before
-        it and its evaluation there, and drops the rest (written after the checkpoint it resumes from)."""
-        self.jsonl, self.csv = run_dir / "metrics.jsonl", run_dir / "metrics.csv"
-        records = []
-        if keep_before is not None and self.jsonl.is_file():
-            for line in self.jsonl.read_text(encoding="utf-8").splitlines():
-                r = json.loads(line)
-                if r["iter"] < keep_before or (r["iter"] == keep_before and "val_loss" in r):
-                    records.append(r)
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        with open(self.csv, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, self.COLUMNS)
-            writer.writeheader()
-            writer.writerows(records)
-        self.tb = self.wandb = None
-        if config.log.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        if config.log.wandb:
-            import wandb
-
-            self.wandb = wandb.init(project=config.log.wandb_project, name=run_dir.name, config=config.to_dict(),
-                                    dir=str(run_dir))
-
-    def write(self, record: dict[str, Any]) -> None:
-        with open(self.jsonl, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-        with open(self.csv, "a", newline="", encoding="utf-8") as f:
-            csv.DictWriter(f, self.COLUMNS).writerow(record)
-        scalars = {k: v for k, v in record.items() if k != "iter"}
-        if self.tb is not None:
-            for key, value in scalars.items():
-                self.tb.add_scalar(key, value, record["iter"])
-        if self.wandb is not None:
-            self.wandb.log(scalars, step=record["iter"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
 def _require_optional(config: RunConfig) -> None:
     for flag, module, extra in (("tensorboard", "torch.utils.tensorboard", "tensorboard"), ("wandb", "wandb", "wandb")):
         if getattr(config.log, flag):
@@ -183,7 +131,7 @@ class Trainer:
     """One run: set up in ``__init__`` (all checks first), then ``run``. See the module docstring."""
 
     def __init__(self, config: RunConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False):
-        self.config, tc = config, config.train
+        self.config = config
         self.dist = distributed.from_env()
         self.main = self.dist.is_main
         self.quiet = quiet or not self.main
@@ -191,16 +139,28 @@ class Trainer:
         self.device = pick_device(config.system.device, self.dist.local_rank)
         self.amp_dtype = autocast_dtype(config.system.dtype, self.device)
         _require_optional(config)
+        check_threads(config.system.threads)
         self.run_dir = Path(config.out_dir)
-        resume_from = self._resume_checkpoint() if resume else None
-        if not resume and (checkpoint.find(self.run_dir / "last") or checkpoint.find(self.run_dir / "best")):
-            if not overwrite:
-                raise ConfigError(f"out_dir = {str(self.run_dir)!r} already holds a run; continue it with --resume "
-                                  "or start over with --overwrite")
-            if self.main:
-                for name in ("last", "best", *RUN_FILES):
-                    for path in self.run_dir.glob(f"{name}*"):
-                        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"out_dir = {str(self.run_dir)!r} is a file, not a directory; choose another --out-dir")
+        if resume and not self.run_dir.is_dir():
+            raise CheckpointError(f"nothing to resume in {self.run_dir}: it does not exist; start the run without "
+                                  "--resume")
+        # One writer per run directory: the lock comes before anything is read, deleted or written there.
+        self.lock = RunLock(self.run_dir) if self.main else None
+        created = not self.run_dir.exists()
+        if self.lock is not None:
+            self.lock.acquire()
+        try:
+            self._setup(resume, overwrite, model_config)
+        except BaseException:
+            self._release(created)
+            raise
+
+    def _setup(self, resume: bool, overwrite: bool, model_config: ModelConfig) -> None:
+        config, tc = self.config, self.config.train
+        resume_from = self._prepare_run_dir(resume, overwrite)
+        self.dataset = checkpoint.dataset_record(config.data.dir)
         # The config as run: the model section fully resolved (vocab_size from the data included).
         self.config = config = RunConfig.from_dict({**config.to_dict(), "model": {
             "preset": config.model["preset"], **model_config.to_dict()}})
@@ -234,33 +194,61 @@ class Trainer:
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.run_dir / "config.json")
-            self.log = MetricsLog(self.run_dir, config, self.start_iter if resume_from else None)
+            wandb = None
+            if config.log.wandb:
+                wandb = {"project": config.log.wandb_project, "name": self.run_dir.name, "config": config.to_dict()}
+            self.log = MetricsLog(self.run_dir, self.start_iter if resume_from else None,
+                                  tensorboard=config.log.tensorboard, wandb=wandb)
 
     # ------------------------------------------------------------------ setup helpers
-    def _resume_checkpoint(self) -> Path:
-        ckpt = checkpoint.find(self.run_dir / "last")
-        if ckpt is None:
-            raise CheckpointError(f"nothing to resume in {self.run_dir}: it has no 'last' checkpoint; start the "
-                                  "run without --resume")
-        return ckpt
+    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> Path | None:
+        """The checkpoint to resume from (None for a new run), after clearing a previous run when asked."""
+        if resume:
+            ckpt = checkpoint.find(self.run_dir / "last")
+            if ckpt is None:
+                raise CheckpointError(f"nothing to resume in {self.run_dir}: it has no 'last' checkpoint; start the "
+                                      "run without --resume")
+            return ckpt
+        if any((self.run_dir / name).exists() for name in RUN_FILES):
+            if not overwrite:
+                raise ConfigError(f"out_dir = {str(self.run_dir)!r} already holds a run; continue it with --resume "
+                                  "or start over with --overwrite")
+            if self.main:
+                clear_run(self.run_dir)
+        return None
+
+    def _release(self, remove_dir: bool = False) -> None:
+        """Give up the run directory's lock; ``remove_dir``: also remove the directory this trainer created."""
+        if self.lock is not None:
+            self.lock.release()
+            if remove_dir:
+                self.lock.path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    self.run_dir.rmdir()
 
     def _restore(self, ckpt: Path) -> None:
-        state = checkpoint.load_state(ckpt)
+        state = checkpoint.check_resume_state(checkpoint.load_state(ckpt), ckpt / checkpoint.STATE)
+        checkpoint.load_matching(self.raw_model, checkpoint.load_weights(ckpt), ckpt / checkpoint.WEIGHTS)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]  # the state's numbering
+        checkpoint.check_optimizer_state(state, params, ckpt / checkpoint.STATE)
         try:
-            self.raw_model.load_state_dict(checkpoint.load_weights(ckpt))
             self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{ckpt} does not match this run's model or optimizer: "
-                                  f"{str(e).splitlines()[0]}") from None
+            self.data_gen.set_state(state["data_rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{ckpt / checkpoint.STATE} does not fit this run's optimizer or data generator "
+                                  f"({first_line(e)}); resume with the settings it was written with") from None
         self.start_iter, self.elapsed0 = state["iter"], state["elapsed"]
         self.best_val = state["best_val_loss"]
         info = checkpoint.read_info(ckpt)
-        self.losses = {k: info[k] for k in ("train_loss", "val_loss")}
-        self.data_gen.set_state(state["data_rng"])
+        self.losses = {k: info[k] for k in ("train_loss", "val_loss") if k in info}
         if len(state["torch_rng"]) == self.dist.world_size:
-            torch.set_rng_state(state["torch_rng"][self.dist.rank])
-            if self.device.type == "cuda" and state["cuda_rng"]:
-                torch.cuda.set_rng_state(state["cuda_rng"][self.dist.rank], self.device)
+            try:
+                torch.set_rng_state(state["torch_rng"][self.dist.rank])
+                if self.device.type == "cuda" and state["cuda_rng"]:
+                    torch.cuda.set_rng_state(state["cuda_rng"][self.dist.rank], self.device)
+            except (RuntimeError, TypeError) as e:
+                raise CheckpointError(f"{ckpt / checkpoint.STATE}: a random generator state is invalid "
+                                      f"({first_line(e)})") from None
         else:
             warnings.warn(f"{ckpt} was written by {len(state['torch_rng'])} processes, this run has "
                           f"{self.dist.world_size}: dropout noise will differ from an uninterrupted run", stacklevel=2)
@@ -358,7 +346,7 @@ class Trainer:
         if not self.main:
             return
         info = {"iter": it, **losses, "best_val_loss": self.best_val, "elapsed": self.elapsed(),
-                "world_size": self.dist.world_size}
+                "world_size": self.dist.world_size, "dataset": self.dataset}
         if improved:
             checkpoint.save_checkpoint(self.run_dir / "best", self.raw_model, self.config, info)
         state = {"iter": it, "best_val_loss": self.best_val, "elapsed": info["elapsed"],
@@ -446,6 +434,7 @@ class Trainer:
         if self.log is not None:
             self.log.close()
         distributed.teardown()
+        self._release()
 
 
 def train(config: RunConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict[str, Any]:
