@@ -2,15 +2,65 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+from nrgpt.data import prepare_shakespeare_char
+from nrgpt.runconfig import RunConfig, resolve_config
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("NRGPT_SHARED_DIR", REPO.parent / "shared"))
 FIXTURES = SHARED / "fixtures" / "reference-checkpoints"
+WORDS = "the king and queen of a fair town shall speak to thee my lord good night sweet prince".split()
+
+# A model and run small enough to train in about a second.
+TINY = [
+    "model.preset=NRGPT_H_FF2W", "model.n_embd=16", "model.n_head=1", "model.n_steps=2", "model.block_size=16",
+    "train.batch_size=8", "train.max_iters=40", "train.warmup_iters=5", "train.lr=1e-2", "train.min_lr=1e-3",
+    "train.eval_interval=10", "train.eval_iters=4", "log.interval=1", "log.progress=false", "system.device=cpu",
+]
+
+
+# ------------------------------------------------------------------------------- tiny data and runs
+
+
+def make_text_data(out_dir: Path, n_lines: int = 1500) -> Path:
+    """A small learnable character corpus (random sentences over a few words) as a prepared dataset."""
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))).capitalize() + "." for _ in range(n_lines)]
+    source = out_dir.with_suffix(".txt")
+    source.parent.mkdir(parents=True, exist_ok=True)
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "not the usual Tiny Shakespeare"
+        return prepare_shakespeare_char(out_dir, source=source)
+
+
+def tiny_config(data_dir: Path, out_dir: Path, *overrides: str) -> RunConfig:
+    return resolve_config(None, [*TINY, f"data.dir={data_dir}", f"out_dir={out_dir}", *overrides])
+
+
+def tiny_args(data_dir: Path, out_dir: Path, *overrides: str) -> list[str]:
+    """The same as command-line arguments."""
+    return [a for item in [*TINY, f"data.dir={data_dir}", f"out_dir={out_dir}", *overrides] for a in ("--set", item)]
+
+
+def run_nrgpt(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """``python -m nrgpt ...`` in a subprocess (one CPU thread)."""
+    return subprocess.run([sys.executable, "-m", "nrgpt", *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kwargs)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def randomize(module: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:
@@ -22,6 +72,22 @@ def randomize(module: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch
     return module
 
 
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A small prepared character dataset (see ``make_text_data``), one per test module."""
+    return make_text_data(tmp_path_factory.mktemp("data") / "text")
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread: tiny models run thousands of small ops, which a loaded machine's thread pool only
+    slows down. Use it module-wide with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
@@ -29,8 +95,12 @@ def _deterministic():
 
 
 def require(path: Path) -> Path:
+    """``path``, which a test needs from ``../shared``: skip where there is no shared folder at all, fail where
+    it is there but the file is missing (a broken fixture set must not pass as skipped)."""
     if not path.exists():
-        pytest.skip(f"{path} is not available on this machine")
+        if not SHARED.is_dir():
+            pytest.skip(f"{SHARED} is not on this machine (set NRGPT_SHARED_DIR)")
+        pytest.fail(f"{path} is missing from {SHARED}")
     return path
 
 

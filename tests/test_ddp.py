@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from .test_train import REPO, make_text_data, records, run_nrgpt, tiny_args
+from .conftest import REPO, make_text_data, records, run_nrgpt, tiny_args
 
 
 def test_two_processes_match_one_with_double_batch(tmp_path):

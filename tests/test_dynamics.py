@@ -34,7 +34,8 @@ from nrgpt.plots import save_png
 from nrgpt.runconfig import DataConfig, RunConfig
 
 from .conftest import FIXTURES, randomize, require
-from .test_evaluate import single_thread  # noqa: F401 - the fixture, used by every test here
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 V, T = 13, 10
 

@@ -53,15 +53,7 @@ STUB_OUTPUT = [
 ]
 HELDOUT = [[], [], [[2, 8]], [], [[4, 1, 9]], []]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: these tiny models run thousands of small ops, which a loaded machine's thread
-    pool only slows down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

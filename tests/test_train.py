@@ -1,8 +1,4 @@
-"""Training: the loop learns, resumes bitwise after SIGKILL, stops on divergence and on its time budget.
-
-The helpers at the top (a tiny character dataset and a tiny run configuration) are shared with the
-other test modules of training, checkpoints, the CLI and DDP.
-"""
+"""Training: the loop learns, resumes bitwise after SIGKILL, stops on divergence and on its time budget."""
 
 from __future__ import annotations
 
@@ -10,69 +6,20 @@ import importlib.util
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
 import time
-import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
 from nrgpt import checkpoint
 from nrgpt.config import ConfigError
-from nrgpt.data import prepare_shakespeare_char
 from nrgpt.runconfig import RunConfig, resolve_config
 from nrgpt.train import DivergenceError, lr_at, make_optimizer, train
 
-REPO = Path(__file__).resolve().parents[1]
-WORDS = "the king and queen of a fair town shall speak to thee my lord good night sweet prince".split()
-
-# A model and run small enough to train in about a second.
-TINY = [
-    "model.preset=NRGPT_H_FF2W", "model.n_embd=16", "model.n_head=1", "model.n_steps=2", "model.block_size=16",
-    "train.batch_size=8", "train.max_iters=40", "train.warmup_iters=5", "train.lr=1e-2", "train.min_lr=1e-3",
-    "train.eval_interval=10", "train.eval_iters=4", "log.interval=1", "log.progress=false", "system.device=cpu",
-]
-
-
-def make_text_data(out_dir: Path, n_lines: int = 1500) -> Path:
-    """A small learnable character corpus (random sentences over a few words) as a prepared dataset."""
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))).capitalize() + "." for _ in range(n_lines)]
-    source = out_dir.with_suffix(".txt")
-    source.parent.mkdir(parents=True, exist_ok=True)
-    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "not the usual Tiny Shakespeare"
-        return prepare_shakespeare_char(out_dir, source=source)
-
-
-def tiny_config(data_dir: Path, out_dir: Path, *overrides: str) -> RunConfig:
-    return resolve_config(None, [*TINY, f"data.dir={data_dir}", f"out_dir={out_dir}", *overrides])
-
-
-def tiny_args(data_dir: Path, out_dir: Path, *overrides: str) -> list[str]:
-    """The same as command-line arguments."""
-    return [a for item in [*TINY, f"data.dir={data_dir}", f"out_dir={out_dir}", *overrides] for a in ("--set", item)]
-
-
-def run_nrgpt(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
-    """``python -m nrgpt ...`` in a subprocess (one CPU thread)."""
-    return subprocess.run([sys.executable, "-m", "nrgpt", *args], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kwargs)
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return make_text_data(tmp_path_factory.mktemp("data") / "text")
-
+from .conftest import REPO, records, run_nrgpt, tiny_args, tiny_config
 
 # ------------------------------------------------------------------------------------------ pieces
 

@@ -159,7 +159,7 @@ def check_resume_state(state: Any, path: Path) -> dict[str, Any]:
         if key not in state:
             raise CheckpointError(f"{path} lacks '{key}': it is not a complete nrgpt resume state")
         if not isinstance(state[key], kind) or (kind is int and isinstance(state[key], bool)):
-            raise CheckpointError(f"{path}: '{key}' is a {type(state[key]).__name__}, not a {kind.__name__}")
+            raise CheckpointError(f"{path}: '{key}' is of type {type(state[key]).__name__}, not {kind.__name__}")
     opt = state["optimizer"]
     if not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
         raise CheckpointError(f"{path}: 'optimizer' is not an optimizer state (with 'state' and 'param_groups')")

@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import traceback
+import warnings
 from pathlib import Path
 from typing import NoReturn
 
@@ -221,12 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+    """Warnings as one line, ``nrgpt: warning: ...``, without Python's source line."""
+    print(f"nrgpt: warning: {message}", file=sys.stderr)
+
+
 def _os_error(e: OSError) -> str:
     """An operating-system error as one line: what failed, on which path, and what to do."""
     where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
     hint = {errno.ENOSPC: "free some space or write elsewhere", errno.EROFS: "write somewhere writable",
             errno.EACCES: "check the permissions or write elsewhere", errno.EISDIR: "give a file, not a directory",
             errno.ENOTDIR: "a part of the path is a file, not a directory", errno.ENOENT: "check the path",
+            errno.EEXIST: "a file is in the way: remove it or choose another path",
             errno.EDQUOT: "free some space or write elsewhere"}.get(e.errno, "check the path and the disk")
     return f"{e.strerror or first_line(e)}{f': {where}' if where else ''} ({hint})"
 
@@ -249,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     with the input or the machine (what is wrong and how to fix it), 1 for a diverged run or an internal
     error (with the path of a log holding its traceback; ``--debug`` shows it instead), 130 when interrupted."""
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
     try:
         return args.func(args)
     except UserError as e:

@@ -450,9 +450,9 @@ def run_sweep(sweep: Sweep, shard: tuple[int, int] = (0, 1), train_fn: TrainFn |
 
     ``train_fn(config, resume=..., overwrite=..., quiet=...)`` defaults to ``nrgpt.train.train``; a run with a
     ``last`` checkpoint is resumed, one without is started over (what it wrote before its first checkpoint is
-    replaced), and a run that another process is training is skipped. A run stopped by a signal (Ctrl-C) stops the sweep, unfinished. A run whose
-    loss diverges is finished with status 'diverged' and no losses (delete its directory to retry it).
-    Returns the results of all finished runs of the sweep directory (``collect_results``).
+    replaced), and a run that another process is training is skipped. A run stopped by a signal (Ctrl-C) stops
+    the sweep, unfinished. A run whose loss diverges is finished with status 'diverged' and no losses (delete
+    its directory to retry it). Returns the results of all finished runs of the sweep directory (``collect_results``).
     """
     from .checkpoint import find
     from .errors import DivergenceError, RunLockedError

@@ -178,7 +178,8 @@ class Trainer:
         self.eval_batches = self._draw_eval_batches(model_config.block_size)
         self.start_iter, self.best_val, self.elapsed0 = 0, math.inf, 0.0
         self.losses: dict[str, float] = {}  # of the last evaluation
-        if resume_from is not None:
+        self.resumed = resume_from is not None
+        if self.resumed:
             self._restore(resume_from)
         if config.system.compile:
             self.raw_model.compile_steps()
@@ -359,10 +360,11 @@ class Trainer:
         if not all(map(math.isfinite, losses.values())) or bool(self.bad):
             raise self._diverged(it, "the loss")
         best = losses["val_loss"] < self.best_val
-        self.save(it, losses)
-        if self.main:
+        if self.main:  # the record first: a crash before the checkpoint below replays this evaluation on resume
             self.log.write({"iter": it, "lr": lr_at(it, self.config.train), "elapsed": round(self.elapsed(), 3),
                             **losses})
+        self.save(it, losses)
+        if self.main:
             self._print(f"iter {it}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}"
                         + (" (best)" if best else ""))
 
@@ -405,7 +407,7 @@ class Trainer:
         tc = self.config.train
         self.t0 = time.perf_counter()
         self.last_log = (self.start_iter, self.t0)
-        resumed_at = self.start_iter if self.start_iter > 0 else None
+        resumed_at = self.start_iter if self.resumed else None  # its evaluation is in the checkpoint
         if self.main and not self.quiet:
             self._print(f"{self.raw_model.config.model} model, {self.raw_model.num_params():,} parameters, "
                         f"{self.tokens_per_step:,} tokens per step, on {self.device}"
