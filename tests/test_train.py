@@ -16,7 +16,7 @@ import torch
 
 from nrgpt import checkpoint
 from nrgpt.config import ConfigError
-from nrgpt.runconfig import RunConfig, resolve_config
+from nrgpt.runconfig import RunConfig, TrainConfig, resolve_config
 from nrgpt.train import DivergenceError, lr_at, make_optimizer, train
 
 from .conftest import REPO, records, run_nrgpt, tiny_args, tiny_config
@@ -34,6 +34,15 @@ def test_lr_schedule():
     assert lr_at(60, tc) == pytest.approx(0.1) and lr_at(110, tc) == pytest.approx(0.01)
     tc.schedule = "constant"
     assert lr_at(100, tc) == 1.0
+
+
+def test_lr_schedule_follows_a_time_budget():
+    """With max_minutes the decay runs on the larger of step progress and budget progress."""
+    tc = TrainConfig(lr=1.0, min_lr=0.0, warmup_iters=0, max_iters=100, max_minutes=2.0)
+    assert lr_at(0, tc, elapsed=60.0) == pytest.approx(0.5)  # half the budget: cosine halfway
+    assert lr_at(50, tc, elapsed=6.0) == pytest.approx(0.5)  # half the steps, a tenth of the budget
+    assert lr_at(10, tc, elapsed=120.0) == pytest.approx(0.0) and lr_at(10, tc, elapsed=500.0) == 0.0
+    assert lr_at(50, TrainConfig(lr=1.0, min_lr=0.0, warmup_iters=0, max_iters=100), elapsed=1e9) == pytest.approx(0.5)
 
 
 def test_weight_decay_only_on_matrices():

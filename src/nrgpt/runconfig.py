@@ -79,7 +79,9 @@ class TrainConfig:
                    world_size x block_size)
     max_iters      optimizer steps; the schedule decays over them
     max_minutes    wall-clock budget of the run's training in minutes (0: none); the run then stops
-                   cleanly, evaluates, checkpoints and counts as finished
+                   cleanly, evaluates, checkpoints and counts as finished. The schedule's decay then
+                   follows the budget too (steps or time, whichever runs out first), so the run has
+                   annealed when the budget stops it
     lr, min_lr     peak and final learning rate
     schedule       'cosine' or 'exponential' decay from lr to min_lr over the steps after warmup, or
                    'constant' (lr throughout, after warmup)

@@ -51,13 +51,21 @@ EVAL_SEED = 0
 # ------------------------------------------------------------------------------------------- pieces
 
 
-def lr_at(it: int, tc: TrainConfig) -> float:
-    """Learning rate of step ``it``: linear warmup to ``lr``, then the schedule down to ``min_lr`` at max_iters."""
+def lr_at(it: int, tc: TrainConfig, elapsed: float = 0.0) -> float:
+    """Learning rate of step ``it``: linear warmup to ``lr``, then the schedule down to ``min_lr``.
+
+    The decay's progress is the fraction of ``max_iters`` done or, when the run has a time budget
+    (``max_minutes``), the fraction of that budget spent (``elapsed`` seconds), whichever is larger: a run
+    stopped by its budget has annealed to ``min_lr`` all the same. ``elapsed`` is the run's training time
+    across resumes, so a resumed run continues the schedule where it stopped."""
     if it < tc.warmup_iters:
         return tc.lr * (it + 1) / (tc.warmup_iters + 1)
     if tc.schedule == "constant":
         return tc.lr
-    progress = min(1.0, (it - tc.warmup_iters) / max(1, tc.max_iters - tc.warmup_iters))
+    progress = (it - tc.warmup_iters) / max(1, tc.max_iters - tc.warmup_iters)
+    if tc.max_minutes > 0:
+        progress = max(progress, elapsed / (60 * tc.max_minutes))
+    progress = min(1.0, progress)
     if tc.schedule == "exponential":
         return tc.lr * (tc.min_lr / tc.lr) ** progress
     return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
@@ -287,7 +295,7 @@ class Trainer:
     def step(self, it: int) -> None:
         """One optimizer step (no host synchronisation): loss kept in ``last_loss``, non-finite flag in ``bad``."""
         tc = self.config.train
-        lr = lr_at(it, tc)
+        self.lr = lr = lr_at(it, tc, self.elapsed())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
@@ -361,7 +369,8 @@ class Trainer:
             raise self._diverged(it, "the loss")
         best = losses["val_loss"] < self.best_val
         if self.main:  # the record first: a crash before the checkpoint below replays this evaluation on resume
-            self.log.write({"iter": it, "lr": lr_at(it, self.config.train), "elapsed": round(self.elapsed(), 3),
+            self.log.write({"iter": it, "lr": lr_at(it, self.config.train, self.elapsed()),
+                            "elapsed": round(self.elapsed(), 3),
                             **losses})
         self.save(it, losses)
         if self.main:
@@ -383,7 +392,7 @@ class Trainer:
         tokens_per_s = (it + 1 - self.last_log[0]) * self.tokens_per_step / max(now - self.last_log[1], 1e-9)
         self.last_log = (it + 1, now)
         if self.main:
-            lr = lr_at(it, tc)
+            lr = self.lr
             self.log.write({"iter": it, "loss": loss, "lr": lr, "tokens_per_s": round(tokens_per_s, 1),
                             "elapsed": round(self.elapsed(), 3)})
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
