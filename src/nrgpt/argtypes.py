@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 from collections.abc import Callable
 
@@ -79,3 +80,9 @@ def _range(low: int | None, high: int | None) -> str:
     if low is not None and high is not None:
         return f"an integer from {low} to {high}"
     return f"an integer >= {low}" if low is not None else f"an integer <= {high}"
+
+
+def default_of(function: Callable[..., object], parameter: str) -> object:
+    """The default of ``function``'s ``parameter``: a command-line option that maps onto a Python argument
+    takes its default from the function, so that the two never disagree."""
+    return inspect.signature(function).parameters[parameter].default

@@ -222,9 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _show_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+def _format_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> str:
     """Warnings as one line, ``nrgpt: warning: ...``, without Python's source line."""
-    print(f"nrgpt: warning: {message}", file=sys.stderr)
+    return f"nrgpt: warning: {message}\n"
 
 
 def _os_error(e: OSError) -> str:
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     with the input or the machine (what is wrong and how to fix it), 1 for a diverged run or an internal
     error (with the path of a log holding its traceback; ``--debug`` shows it instead), 130 when interrupted."""
     args = build_parser().parse_args(argv)
-    warnings.showwarning = _show_warning
+    format_warning, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         return args.func(args)
     except UserError as e:
@@ -272,5 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         message, code = _internal_error(e), 1
+    finally:
+        warnings.formatwarning = format_warning
     print(f"nrgpt: error: {message}", file=sys.stderr)
     return code

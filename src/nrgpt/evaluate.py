@@ -45,7 +45,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .argtypes import integer, number, seed
+from .argtypes import default_of, integer, number, seed
 from .config import ConfigError
 from .data import DataError, Tokenizer, TokenStream, listops_sample_info, load_tokenizer, read_listops_test
 from .layers import KVCache
@@ -299,14 +299,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``nrgpt eval --task listops|quality``."""
     g = parser.add_argument_group("listops and quality tasks")
     g.add_argument("--max-samples", type=integer(1), default=None, help="listops: score only the first N samples")
-    g.add_argument("--num-samples", type=integer(1), default=16, help="quality: texts to sample (default 16)")
+    quality = generation_quality_for_model
+    g.add_argument("--num-samples", type=integer(1), default=default_of(quality, "n_samples"),
+                   help="quality: texts to sample (default %(default)s)")
     g.add_argument("--max-new-tokens", type=integer(1), default=None,
                    help="listops: token budget per sample (default: the longest sample); quality: text length "
                         "(default 200)")
     g.add_argument("--prompt", default="", help="quality: prompt of every sample (default: none)")
-    g.add_argument("--temperature", type=number(0, strict=True), default=0.8, help="quality: sampling temperature")
+    g.add_argument("--temperature", type=number(0, strict=True), default=default_of(quality, "temperature"),
+                   help="quality: sampling temperature (default %(default)s)")
     g.add_argument("--top-k", type=integer(1), default=None, help="quality: sample from the k most likely tokens")
-    g.add_argument("--seed", type=seed, default=0, help="quality: sampling seed")
+    g.add_argument("--seed", type=seed, default=default_of(quality, "seed"), help="quality: sampling seed")
     g.add_argument("--reference-lm", default=None, metavar="NAME_OR_PATH",
                    help="quality: causal LM that scores the samples' perplexity, a local Hugging Face model "
                         "directory or a cached model name (default: gpt2 from the local cache, if there)")
@@ -352,8 +355,9 @@ def run_task(args: argparse.Namespace) -> dict[str, Any]:
         results = listops_accuracy(model, data_dir, args.split, args.batch_size, args.max_samples,
                                    args.max_new_tokens)
     else:
+        length = args.max_new_tokens or default_of(generation_quality_for_model, "max_new_tokens")
         results = generation_quality_for_model(
-            model, load_tokenizer(data_dir), n_samples=args.num_samples, max_new_tokens=args.max_new_tokens or 200,
+            model, load_tokenizer(data_dir), n_samples=args.num_samples, max_new_tokens=length,
             prompt=args.prompt, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
             perplexity_model=reference_lm)
     if args.json:

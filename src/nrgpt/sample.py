@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .argtypes import integer, number, seed
+from .argtypes import default_of, integer, number, seed
 from .checkpoint import load_run
 from .config import ConfigError
 from .data import Tokenizer, load_tokenizer
@@ -44,7 +44,7 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, g
 
 
 def generate_text(model: LanguageModel, tokenizer: Tokenizer, prompt: str = "", *, num_samples: int = 1,
-                  max_new_tokens: int = 200, temperature: float = 1.0, top_k: int | None = None,
+                  max_new_tokens: int = 500, temperature: float = 0.8, top_k: int | None = None,
                   top_p: float | None = None, greedy: bool = False, seed: int = 0,
                   notice: Callable[[str], None] = _note) -> list[str]:
     """``num_samples`` continuations of ``prompt`` (each returned with its prompt, cropped to the block).
@@ -103,13 +103,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="", help="text to continue (default: start from nothing)")
     prompt.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
-    p.add_argument("-n", "--num-samples", type=integer(1), default=1)
-    p.add_argument("--max-new-tokens", type=integer(0), default=500)
-    p.add_argument("--temperature", type=number(), default=0.8)
+    p.add_argument("-n", "--num-samples", type=integer(1), default=default_of(generate_text, "num_samples"))
+    p.add_argument("--max-new-tokens", type=integer(0), default=default_of(generate_text, "max_new_tokens"))
+    p.add_argument("--temperature", type=number(), default=default_of(generate_text, "temperature"))
     p.add_argument("--top-k", type=integer(), default=None)
     p.add_argument("--top-p", type=number(), default=None)
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--seed", type=seed, default=default_of(generate_text, "seed"))
     p.add_argument("--checkpoint", choices=("best", "last"), default="best",
                    help="which checkpoint of a run directory (default: best)")
     p.add_argument("--device", choices=DEVICES, default="auto")
