@@ -47,29 +47,14 @@ def number(low: float | None = None, high: float | None = None, *, strict: bool 
     return parse
 
 
-def numbers(low: float | None = None) -> Callable[[str], list[float]]:
-    """A comma-separated list of finite numbers, each >= low."""
-    one = number(low)
-
-    def parse(text: str) -> list[float]:
-        items = [t for t in text.split(",") if t.strip()]
+def comma_list(one: Callable[[str], object], example: str) -> Callable[[str], list]:
+    """A comma-separated list of values, each parsed by ``one`` (``integer(...)``, ``number(...)``)."""
+    def parse(text: str) -> list:
+        items = [t.strip() for t in text.split(",") if t.strip()]
         if not items:
-            raise argparse.ArgumentTypeError("give one or more comma-separated numbers, e.g. 0.1,0.01")
-        return [one(t.strip()) for t in items]
-    parse.__name__ = "numbers"
-    return parse
-
-
-def integers(low: int | None = None) -> Callable[[str], list[int]]:
-    """A comma-separated list of integers, each >= low."""
-    one = integer(low)
-
-    def parse(text: str) -> list[int]:
-        items = [t for t in text.split(",") if t.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError("give one or more comma-separated integers, e.g. 3,17,5")
-        return [one(t.strip()) for t in items]
-    parse.__name__ = "integers"
+            raise argparse.ArgumentTypeError(f"give one or more comma-separated {one.__name__}s, e.g. {example}")
+        return [one(t) for t in items]
+    parse.__name__ = f"{one.__name__}s"
     return parse
 
 

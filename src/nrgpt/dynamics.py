@@ -56,7 +56,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .argtypes import integer, integers, number, numbers, seed
+from .argtypes import comma_list, integer, number, seed
 from .energy import EnergyBlock
 from .evaluate import ListOpsSamples, load_listops_samples, score_listops
 from .layers import KVCache
@@ -555,7 +555,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="run directory, checkpoint directory or reference-code checkpoint file")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="text to run (encoded with the run's tokenizer or --tokenizer)")
-    src.add_argument("--ids", type=integers(0), help="comma-separated token ids to run")
+    src.add_argument("--ids", type=comma_list(integer(0), "3,17,5"), help="comma-separated token ids to run")
     src.add_argument("--data", help="a prepared dataset directory: run --batch random windows of it")
     p.add_argument("--split", choices=("val", "train"), default="val", help="with --data (default val)")
     p.add_argument("--batch", type=integer(1), default=4, help="with --data: number of windows (default 4)")
@@ -565,7 +565,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=integer(1), default=None,
                    help="steps to run (default: the trained number; more probes asymptotic stability)")
     p.add_argument("--out", help="output directory (default: RUN/dynamics, or dynamics/NAME for a .pt file)")
-    p.add_argument("--early-exit", metavar="TOL1,TOL2,...", type=numbers(0),
+    p.add_argument("--early-exit", metavar="TOL1,TOL2,...", type=comma_list(number(0), "0.1,0.01"),
                    help="gradient-norm tolerances: loss (or ListOps accuracy) against average steps, vs fixed steps")
     p.add_argument("--early-exit-steps", type=integer(1), default=None,
                    help="most steps a token may take under early exit (default: the trained number)")
