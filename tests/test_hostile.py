@@ -160,7 +160,7 @@ CASES = [
          lambda c: ["train", "--resume", "--out-dir", str(_edit_state(c, "r3", _bad_shapes))], "has shape (3, 3)"),
     Case("resume: optimizer state is a list", "bad resume state",
          lambda c: ["train", "--resume", "--out-dir", str(_edit_state(c, "r4", lambda s: s.update(optimizer=[])))],
-         "'optimizer' is a list"),
+         "'optimizer' is of type list"),
     Case("resume: a bad RNG state", "bad resume state",
          lambda c: ["train", "--resume", "--out-dir",
                     str(_edit_state(c, "r5", lambda s: s.update(data_rng=torch.zeros(3, dtype=torch.uint8))))],
