@@ -363,7 +363,7 @@ def test_an_internal_error_is_one_line_with_a_log(ctx, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(nrgpt.sample, "generate_text", broken)
+    monkeypatch.setattr(nrgpt.sample, "load_tokenizer", broken)
     assert cli.main(["sample", str(ctx.run)]) == 1
     line = capsys.readouterr().err.strip()
     assert "\n" not in line and "internal error (ZeroDivisionError: a bug)" in line
