@@ -263,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         message, code = first_line(e, 1000), 2
     except DivergenceError as e:
         message, code = str(e), 1
+    except BrokenPipeError:  # the reader of our output went away (``nrgpt sample ... | head``): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:
         message, code = _os_error(e), 2
     except KeyboardInterrupt:
