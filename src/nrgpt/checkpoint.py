@@ -133,7 +133,11 @@ def load_state(ckpt: str | Path, map_location: str | torch.device = "cpu") -> di
 def load_model(run_or_ckpt: str | Path, device: str | torch.device = "cpu",
                which: str = "best") -> tuple[LanguageModel, RunConfig]:
     """The trained model (in eval mode, on ``device``) and its run config, from a run directory (its
-    ``which`` checkpoint, 'best' or 'last') or a checkpoint directory."""
+    ``which`` checkpoint, 'best' or 'last'), a checkpoint directory or a directory of ``nrgpt export``."""
+    from .hf.export import is_exported, load_exported
+
+    if is_exported(run_or_ckpt):
+        return load_exported(run_or_ckpt, device)[:2]
     ckpt = resolve(run_or_ckpt, which)
     config = RunConfig.from_dict(read_info(ckpt)["config"])
     model = build_model(config.model_config())
