@@ -76,14 +76,16 @@ def _utils_source() -> str:
     return source.replace(_IMPORT_LINE, inspect.getsource(score_continuation))
 
 
-def write_tasks(export_dir: str | Path, data_dir: str | Path | None = None, out_dir: str | Path | None = None) -> list[str]:
+def write_tasks(export_dir: str | Path, data_dir: str | Path | None = None,
+                out_dir: str | Path | None = None) -> list[str]:
     """Write the tasks for an exported model's dataset (its run's data.dir unless ``data_dir``) into
     ``out_dir`` (default EXPORT_DIR/tasks); returns the task names."""
     export_dir = Path(export_dir)
     out = Path(out_dir) if out_dir else export_dir / "tasks"
     config = json.loads((export_dir / "config.json").read_text(encoding="utf-8"))
     block = config["nrgpt"]["block_size"]
-    data_dir = Path(data_dir or json.loads((export_dir / RUN_FILE).read_text(encoding="utf-8"))["config"]["data"]["dir"])
+    record = json.loads((export_dir / RUN_FILE).read_text(encoding="utf-8"))
+    data_dir = Path(data_dir or record["config"]["data"]["dir"])
     kind = load_meta(data_dir)["kind"]
     out.mkdir(parents=True, exist_ok=True)
     if kind == "listops":

@@ -122,8 +122,9 @@ class NRGPTForCausalLM(PreTrainedModel, GenerationMixin):
         """Logits (B, t, V) of ``input_ids`` (B, t), or of their last ``logits_to_keep`` positions.
 
         ``attention_mask`` (B, past + t) marks real tokens (1) and padding (0); padded positions get zero
-        logits. With ``use_cache=True`` or a ``cache`` (``past_key_values``) from an earlier call, the
-        tokens extend that cache and the output carries it. ``labels`` give the mean next-token
+        logits. The tokenizer's added start token (``start_token_id``) is read as token 0.
+        With ``use_cache=True`` or a ``cache`` (``past_key_values``) from an earlier call, the tokens
+        extend that cache and the output carries it. ``labels`` give the mean next-token
         cross-entropy (shifted inside, -100 ignored). Other keyword arguments (position ids, ...) are
         ignored: positions follow from the real tokens.
         """
@@ -133,10 +134,12 @@ class NRGPTForCausalLM(PreTrainedModel, GenerationMixin):
         mask = None if attention_mask is None else attention_mask[:, -t:].bool()
         if mask is not None and bool(mask.all()):
             mask = None
+        if getattr(self.config, "start_token_id", None) == vocab:  # the tokenizer's added start token: token 0
+            input_ids = input_ids.masked_fill(input_ids == vocab, 0)
         real = input_ids if mask is None else input_ids[mask]
-        if real.numel() and int(real.max()) >= vocab:
-            raise ValueError(f"token id {int(real.max())} is outside the model's vocabulary of {vocab} (a tokenizer's "
-                             "added <|pad|> token is for padding only: give it attention_mask 0)")
+        if real.numel() and not 0 <= int(real.min()) <= int(real.max()) < vocab:
+            raise ValueError(f"token ids must lie in [0, {vocab}), the model's vocabulary; got "
+                             f"{int(real.min())}..{int(real.max())}")
         if cache is None and not use_cache:
             logits = self._full_logits(input_ids, mask)
         else:

@@ -13,9 +13,10 @@ gpt2       none: the directory names GPT-2's tokenizer (``AutoTokenizer.from_pre
 =========  ==========================================================================================
 
 Token ids are the dataset's ids. A vocabulary without an end-of-sequence token gets one added token
-``<|pad|>``, after the model's vocabulary, as the tokenizer's pad, bos and eos token, so that padded
-batches and tools that expect these tokens (lm-evaluation-harness) work; padded positions never reach the
-model, and the model never emits it.
+``<|start|>`` (id vocab_size, outside the model's vocabulary) as the tokenizer's bos and pad token: the
+model reads it as token 0, which is where ``nrgpt sample`` starts an empty prompt, so a generation from
+nothing and lm-evaluation-harness's rolling windows (which start from the bos token) begin as in nrgpt;
+padded positions never reach the model, and the model never emits it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ..data import DataError
 from ..data.tokenizers import EOS_TEXT, LISTOPS_EOS, read_vocab
 
 WORD_JOINER = "\u2060"
-PAD_TEXT = "<|pad|>"
+START_TEXT = "<|start|>"
 
 
 def _word_level(symbols: list[str], single_characters: bool):
@@ -64,14 +65,17 @@ def backend_tokenizer(data_dir: str | Path, kind: str) -> tuple[Any, str | None]
 
 
 def save_hf_tokenizer(data_dir: str | Path, kind: str, out_dir: str | Path) -> dict[str, int | None]:
-    """Write the tokenizer files into ``out_dir``; returns the model's eos and pad token ids (none for GPT-2
-    and for a vocabulary without an end-of-sequence token)."""
+    """Write the tokenizer files into ``out_dir``; returns the special token ids for the model's config:
+    eos and pad, or for a vocabulary without end-of-sequence the added start token (``start_token_id``:
+    not bos, which transformers wants inside the model's vocabulary); none for GPT-2."""
     from transformers import PreTrainedTokenizerFast
 
     backend, eos = backend_tokenizer(data_dir, kind)
     if backend is None:
         return {}
-    special = {"eos_token": eos, "pad_token": eos} if eos else {k: PAD_TEXT for k in ("pad_token", "bos_token", "eos_token")}
+    special = {"eos_token": eos, "pad_token": eos} if eos else {"bos_token": START_TEXT, "pad_token": START_TEXT}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False, **special)
     tokenizer.save_pretrained(out_dir)
-    return {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id} if eos else {}
+    if eos:
+        return {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    return {"start_token_id": tokenizer.bos_token_id}
