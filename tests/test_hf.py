@@ -95,8 +95,8 @@ def listops_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def listops_run(listops_data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("hf-runs") / "listops"
-    train(tiny_config(listops_data, run, "train.max_iters=30", "model.block_size=64", "model.mask=strict"),
-          quiet=True)
+    train(tiny_config(listops_data, run, "train.max_iters=150", "model.block_size=64", "model.mask=strict"),
+          quiet=True)  # long enough to end its answers with <eos>
     return run
 
 
@@ -157,7 +157,7 @@ def test_generate_sampling_stopping_padding_and_cache(char_export, char_run):
     assert stopped[0, 4:].tolist() == greedy[: greedy.index(stop) + 1]
 
     tok = AutoTokenizer.from_pretrained(char_export)
-    texts = ["The king", "Good night sweet", "A"]
+    texts = ["The", "Good", "A"]  # at most 4 + 12 tokens: within the block, so no window slides
     calls = []
     forward_cached = hf.model.forward_cached
     hf.model.forward_cached = lambda idx, cache: calls.append(idx.shape) or forward_cached(idx, cache)
@@ -169,7 +169,7 @@ def test_generate_sampling_stopping_padding_and_cache(char_export, char_run):
             assert row.tolist() == model.generate(ids, 12, greedy=True)[0, -12:].tolist(), (side, text)
     # each row group is prefilled once, then fed one token per step (11 steps after the prefill's token)
     first = calls[:3 + 11 * 3]
-    assert sorted(s[1] for s in first[:3]) == [1, 8, 16] and all(s[1] == 1 for s in first[3:])
+    assert sorted(s[1] for s in first[:3]) == [1, 3, 4] and all(s[1] == 1 for s in first[3:])
 
 
 def test_tokenizers_round_trip(char_export, char_data, listops_run, listops_data, bpe_data, tmp_path):
@@ -203,19 +203,42 @@ def test_harness_listops_accuracy_equals_nrgpt_eval(listops_run, tmp_path, capsy
     report = tmp_path / "listops.json"
     eval_output(capsys, "eval", str(listops_run), "--task", "listops", "--json", str(report))
     expected = json.loads(report.read_text())
-    harness = eval_output(capsys, "eval", str(listops_run), "--harness", "listops")
-    assert expected["n"] == 24 and 0 < expected["terminated"]
+    eval_output(capsys, "eval", str(listops_run), "--harness", "listops", "--json", str(tmp_path / "harness.json"))
+    harness = json.loads((tmp_path / "harness.json").read_text())
+    assert expected["n"] == 24 and 0 < expected["terminated"] and 0 < expected["overall"]
     for metric, key in (("accuracy", "overall"), ("exact_chain", "exact_chain"), ("terminated", "terminated")):
-        assert float(harness[f"nrgpt_listops_{metric}"]) == pytest.approx(expected[key], abs=1e-12), metric
+        assert harness[f"nrgpt_listops_{metric}"] * 24 == pytest.approx(expected[key] * 24, abs=1e-9), metric
 
 
-def test_harness_perplexity_equals_nrgpt_eval(char_run, capsys):
+def test_listops_results_read_termination_from_the_budget(listops_run, tmp_path):
+    """lm-eval removes <eos>: a generation shorter than nrgpt's budget ended with it, one as long did not."""
+    import importlib.util
+
+    from nrgpt.hf.harness import write_tasks
+
+    write_tasks(export_model(listops_run, tmp_path / "hf"), None, tmp_path / "tasks")
+    spec = importlib.util.spec_from_file_location("task_utils", tmp_path / "tasks" / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    doc = {"answer": "4", "target": "max_10 ( 1 4 ) = 4", "budget": 3}
+    assert utils.listops_results(doc, ["= 4"]) == {"accuracy": 1.0, "exact_chain": 0.0, "terminated": 1.0}
+    assert utils.listops_results(doc, ["= 7 = 4"])["accuracy"] == 0.0  # the budget ran out after '= 7 ='
+    assert utils.listops_results(doc, ["( 1 = 4"]) == {"accuracy": 0.0, "exact_chain": 0.0, "terminated": 0.0}
+    doc["budget"] = 8
+    assert utils.listops_results(doc, ["max_10 ( 1 4 ) = 4"]) == {"accuracy": 1.0, "exact_chain": 1.0,
+                                                                   "terminated": 1.0}
+    assert utils.listops_results({**doc, "budget": 0}, [""])["terminated"] == 0.0
+
+
+def test_harness_perplexity_equals_nrgpt_eval(char_run, tmp_path, capsys):
     pytest.importorskip("lm_eval")
-    expected = eval_output(capsys, "eval", str(char_run))
-    harness = eval_output(capsys, "eval", str(char_run), "--harness", "perplexity")
-    ppl = float(harness["nrgpt_perplexity_token_perplexity"])
+    expected = eval_output(capsys, "eval", str(char_run))  # perplexity printed to 4 decimals (about 1e-5 here)
+    eval_output(capsys, "eval", str(char_run), "--harness", "perplexity", "--json", str(tmp_path / "harness.json"))
+    harness = json.loads((tmp_path / "harness.json").read_text())
+    ppl = harness["nrgpt_perplexity_token_perplexity"]
     assert ppl == pytest.approx(float(expected["perplexity"]), rel=1e-4)
-    assert float(harness["nrgpt_perplexity_loss"]) == pytest.approx(math.log(ppl), rel=1e-9)
+    assert harness["nrgpt_perplexity_loss"] == pytest.approx(float(expected["val_loss"]), abs=1e-4)
+    assert harness["nrgpt_perplexity_loss"] == pytest.approx(math.log(ppl), rel=1e-9)
 
 
 def test_harness_rolling_loglikelihood_is_nrgpt_over_the_harness_windows(char_export, char_run, char_data):
@@ -239,7 +262,8 @@ def test_harness_rolling_loglikelihood_is_nrgpt_over_the_harness_windows(char_ex
 
 
 def test_exported_directory_works_without_nrgpt(char_export, char_run, tmp_path, capsys):
-    """Load, decode, tokenize and run the lm_eval command line in a process that cannot import nrgpt."""
+    """Load, decode, tokenize and run lm-eval's hf model on the perplexity task in a process that cannot
+    import nrgpt."""
     pytest.importorskip("lm_eval")
     for path in char_export.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -255,21 +279,20 @@ def test_exported_directory_works_without_nrgpt(char_export, char_run, tmp_path,
 
     write_tasks(char_export, None, tmp_path / "tasks")
     script = f"""
-import json, sys, glob
+import json, sys
 sys.modules["nrgpt"] = None  # any import of nrgpt fails
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from lm_eval.__main__ import cli_evaluate
+import lm_eval
+from lm_eval.tasks import TaskManager
 out = {str(char_export)!r}
 model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
 tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
 idx = torch.tensor({idx.tolist()})
 text = "Good night sweet prince.\\nThe king and queen."
-sys.argv = ["lm_eval", "--model", "hf", "--model_args", f"pretrained={{out}},trust_remote_code=True,device=cpu",
-            "--include_path", {str(tmp_path / "tasks")!r}, "--tasks", "nrgpt_perplexity", "--batch_size", "16",
-            "--output_path", {str(tmp_path / "results")!r}]
-cli_evaluate()
-results = json.load(open(glob.glob({str(tmp_path / "results")!r} + "/**/results*.json", recursive=True)[0]))
+tasks = TaskManager(include_path={str(tmp_path / "tasks")!r}, include_defaults=False)
+results = lm_eval.simple_evaluate(model="hf", model_args=dict(pretrained=out, trust_remote_code=True, device="cpu"),
+                                  tasks=["nrgpt_perplexity"], task_manager=tasks, batch_size=16, bootstrap_iters=0)
 print(json.dumps({{"logits": model(idx).logits.tolist(), "greedy": model.generate(idx[:, :3], max_new_tokens=15,
                   do_sample=False).tolist(), "text": tok.decode(tok(text).input_ids) == text,
                   "ppl": results["results"]["nrgpt_perplexity"]["token_perplexity,none"]}}))

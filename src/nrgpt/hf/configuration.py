@@ -1,7 +1,7 @@
 """``NRGPTConfig``: the Hugging Face configuration of an exported nrgpt model.
 
 It holds the model's ``nrgpt.ModelConfig`` as a plain dict (``nrgpt``), the dataset's tokenizer kind,
-the tokenizer's added start token for a vocabulary without end-of-sequence (``start_token_id``, read as
+the tokenizer's added start token for a vocabulary without end-of-sequence (``start_id``, read as
 token 0: ``nrgpt.hf.tokenizer``), and mirrors the fields that
 ``transformers`` and lm-evaluation-harness read: ``vocab_size``, ``max_position_embeddings`` (the block
 size: the longest context a forward pass takes), ``hidden_size``, ``num_hidden_layers`` (the number of
@@ -22,10 +22,10 @@ class NRGPTConfig(PretrainedConfig):
     model_type = "nrgpt"
 
     def __init__(self, nrgpt: dict[str, Any] | None = None, tokenizer_kind: str | None = None,
-                 start_token_id: int | None = None, **kwargs):
+                 start_id: int | None = None, **kwargs):
         self.nrgpt = dict(nrgpt or {})
         self.tokenizer_kind = tokenizer_kind
-        self.start_token_id = start_token_id
+        self.start_id = start_id
         if self.nrgpt:
             kwargs.setdefault("vocab_size", self.nrgpt["vocab_size"])
             kwargs.setdefault("max_position_embeddings", self.nrgpt["block_size"])

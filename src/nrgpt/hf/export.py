@@ -148,7 +148,7 @@ def export_model(run: str | Path, out_dir: str | Path, which: str = "best", data
                          auto_map=AUTO_MAP, **special)
     model = NRGPTForCausalLM(config)
     model.model.load_state_dict(nrgpt_model.state_dict())
-    model.generation_config = GenerationConfig(**{k: v for k, v in special.items() if k != "start_token_id"})
+    model.generation_config = GenerationConfig(**{k: v for k, v in special.items() if k != "start_id"})
     model.save_pretrained(out)
     write_code(out)
     record = {"format": FORMAT, "checkpoint": str(ckpt), **{k: v for k, v in info.items() if k not in ("format",)}}

@@ -91,7 +91,7 @@ def write_tasks(export_dir: str | Path, data_dir: str | Path | None = None,
     if kind == "listops":
         name = TASKS["listops"]
         docs, max_gen_toks = listops_docs(data_dir, block)
-        model_args = f"max_length={block + max_gen_toks},"
+        model_args = f",max_length={block + max_gen_toks}"
     elif kind == "char":
         name, max_gen_toks, model_args = TASKS["perplexity"], 0, ""
         docs = perplexity_docs(data_dir, block)
@@ -104,8 +104,8 @@ def write_tasks(export_dir: str | Path, data_dir: str | Path | None = None,
     (out / f"{name}.yaml").write_text(yaml.substitute(data_file=json.dumps(str(data_file.resolve())),
                                                       max_gen_toks=max_gen_toks), encoding="utf-8")
     (out / "utils.py").write_text(_utils_source(), encoding="utf-8")
-    command = (f"lm_eval --model hf --model_args pretrained={export_dir},trust_remote_code=True,{model_args}"
-               f"device=cpu --include_path {out} --tasks {name} --batch_size 16")
+    command = (f"lm_eval --model hf --model_args pretrained={export_dir},trust_remote_code=True{model_args} "
+               f"--device cpu --include_path {out} --tasks {name} --batch_size 16")
     (out / "README.md").write_text(f"# lm-evaluation-harness task {name}\n\nFrom {data_dir} "
                                    f"({len(docs)} documents), for a model with block_size {block}:\n\n"
                                    f"```bash\n{command}\n```\n", encoding="utf-8")
@@ -127,14 +127,16 @@ def run_harness(export_dir: str | Path, tasks_dir: str | Path, tasks: list[str],
         max_gen_toks = int(listops.read_text(encoding="utf-8").split("max_gen_toks:")[1].split()[0])
         model_args["max_length"] = config["nrgpt"]["block_size"] + max_gen_toks
     out = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=tasks, batch_size=batch_size,
-                                  task_manager=TaskManager(include_path=str(tasks_dir)), bootstrap_iters=0,
+                                  task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
+                                  bootstrap_iters=0,
                                   limit=limit, log_samples=False)
     return {task: {metric: out["results"][task][f"{metric},none"] for metric in METRICS[task]} for task in tasks}
 
 
 def harness_task(args: argparse.Namespace) -> dict[str, Any]:
     """``nrgpt eval RUN --harness listops|perplexity``: export to a temporary directory, write the tasks for
-    the run's dataset (or ``--data-dir``) and run them; one printable value per task and metric."""
+    the run's dataset (or ``--data-dir``) and run them; one printable value per task and metric, also
+    written to ``--json`` if given."""
     from .export import export_model
 
     names = [TASKS.get(t.strip(), t.strip()) for t in args.harness.split(",") if t.strip()]
@@ -152,5 +154,9 @@ def harness_task(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"--harness {', '.join(missing)} does not apply to this run's dataset "
                               f"(its task: {', '.join(written)})")
         results = run_harness(export_dir, Path(tmp) / "tasks", names, device, args.batch_size)
-    return {f"{task}_{metric}": value for task, metrics in results.items() for metric, value in metrics.items()
+    flat = {f"{task}_{metric}": value for task, metrics in results.items() for metric, value in metrics.items()
             if not (isinstance(value, float) and math.isnan(value))}
+    if getattr(args, "json", None):
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(flat, indent=2) + "\n", encoding="utf-8")
+    return flat

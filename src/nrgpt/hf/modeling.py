@@ -122,7 +122,7 @@ class NRGPTForCausalLM(PreTrainedModel, GenerationMixin):
         """Logits (B, t, V) of ``input_ids`` (B, t), or of their last ``logits_to_keep`` positions.
 
         ``attention_mask`` (B, past + t) marks real tokens (1) and padding (0); padded positions get zero
-        logits. The tokenizer's added start token (``start_token_id``) is read as token 0.
+        logits. The tokenizer's added start token (``start_id``) is read as token 0.
         With ``use_cache=True`` or a ``cache`` (``past_key_values``) from an earlier call, the tokens
         extend that cache and the output carries it. ``labels`` give the mean next-token
         cross-entropy (shifted inside, -100 ignored). Other keyword arguments (position ids, ...) are
@@ -134,7 +134,7 @@ class NRGPTForCausalLM(PreTrainedModel, GenerationMixin):
         mask = None if attention_mask is None else attention_mask[:, -t:].bool()
         if mask is not None and bool(mask.all()):
             mask = None
-        if getattr(self.config, "start_token_id", None) == vocab:  # the tokenizer's added start token: token 0
+        if getattr(self.config, "start_id", None) == vocab:  # the tokenizer's added start token: token 0
             input_ids = input_ids.masked_fill(input_ids == vocab, 0)
         real = input_ids if mask is None else input_ids[mask]
         if real.numel() and not 0 <= int(real.min()) <= int(real.max()) < vocab:

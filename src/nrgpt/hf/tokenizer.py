@@ -66,7 +66,7 @@ def backend_tokenizer(data_dir: str | Path, kind: str) -> tuple[Any, str | None]
 
 def save_hf_tokenizer(data_dir: str | Path, kind: str, out_dir: str | Path) -> dict[str, int | None]:
     """Write the tokenizer files into ``out_dir``; returns the special token ids for the model's config:
-    eos and pad, or for a vocabulary without end-of-sequence the added start token (``start_token_id``:
+    eos and pad, or for a vocabulary without end-of-sequence the added start token (``start_id``:
     not bos, which transformers wants inside the model's vocabulary); none for GPT-2."""
     from transformers import PreTrainedTokenizerFast
 
@@ -78,4 +78,4 @@ def save_hf_tokenizer(data_dir: str | Path, kind: str, out_dir: str | Path) -> d
     tokenizer.save_pretrained(out_dir)
     if eos:
         return {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    return {"start_token_id": tokenizer.bos_token_id}
+    return {"start_id": tokenizer.bos_token_id}
