@@ -293,6 +293,9 @@ text = "Good night sweet prince.\\nThe king and queen."
 tasks = TaskManager(include_path={str(tmp_path / "tasks")!r}, include_defaults=False)
 results = lm_eval.simple_evaluate(model="hf", model_args=dict(pretrained=out, trust_remote_code=True, device="cpu"),
                                   tasks=["nrgpt_perplexity"], task_manager=tasks, batch_size=16, bootstrap_iters=0)
+model.save_pretrained({str(tmp_path / "resaved")!r})  # what push_to_hub uploads: the code is saved along
+resaved = AutoModelForCausalLM.from_pretrained({str(tmp_path / "resaved")!r}, trust_remote_code=True)
+assert torch.equal(resaved(idx).logits, model(idx).logits)
 print(json.dumps({{"logits": model(idx).logits.tolist(), "greedy": model.generate(idx[:, :3], max_new_tokens=15,
                   do_sample=False).tolist(), "text": tok.decode(tok(text).input_ids) == text,
                   "ppl": results["results"]["nrgpt_perplexity"]["token_perplexity,none"]}}))

@@ -104,8 +104,8 @@ def write_tasks(export_dir: str | Path, data_dir: str | Path | None = None,
     (out / f"{name}.yaml").write_text(yaml.substitute(data_file=json.dumps(str(data_file.resolve())),
                                                       max_gen_toks=max_gen_toks), encoding="utf-8")
     (out / "utils.py").write_text(_utils_source(), encoding="utf-8")
-    command = (f"lm_eval --model hf --model_args pretrained={export_dir},trust_remote_code=True{model_args} "
-               f"--device cpu --include_path {out} --tasks {name} --batch_size 16")
+    command = (f"lm_eval --model hf --model_args pretrained={export_dir.resolve()},trust_remote_code=True{model_args} "
+               f"--device cpu --include_path {out.resolve()} --tasks {name} --batch_size 16")
     (out / "README.md").write_text(f"# lm-evaluation-harness task {name}\n\nFrom {data_dir} "
                                    f"({len(docs)} documents), for a model with block_size {block}:\n\n"
                                    f"```bash\n{command}\n```\n", encoding="utf-8")
@@ -115,11 +115,14 @@ def write_tasks(export_dir: str | Path, data_dir: str | Path | None = None,
 def run_harness(export_dir: str | Path, tasks_dir: str | Path, tasks: list[str], device: str = "cpu",
                 batch_size: int = 16, limit: int | None = None) -> dict[str, dict[str, float]]:
     """``lm_eval.simple_evaluate`` of an exported model on tasks in ``tasks_dir``; {task: {metric: value}}."""
-    try:
-        import lm_eval
-        from lm_eval.tasks import TaskManager
-    except ImportError:
-        raise ConfigError(f"the lm-evaluation-harness is not installed: {HF_EXTRA}") from None
+    import importlib.util
+
+    missing = [name for name in ("lm_eval", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"the lm-evaluation-harness needs {' and '.join(missing)}: {HF_EXTRA}")
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
     config = json.loads((Path(export_dir) / "config.json").read_text(encoding="utf-8"))
     model_args = {"pretrained": str(export_dir), "trust_remote_code": True, "device": device}
     listops = Path(tasks_dir) / f"{TASKS['listops']}.yaml"
