@@ -146,6 +146,13 @@ def test_generate_sampling_stopping_padding_and_cache(char_export, char_run):
     expected = model.generate(prompt, 30, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(5))
     assert torch.equal(sampled, expected)
 
+    first = hf(prompt, use_cache=True)  # by hand: a prefill, then two tokens on its cache
+    more = hf(torch.tensor([[4, 6], [1, 2]]), cache=first.cache)
+    whole = model(torch.cat([prompt, torch.tensor([[4, 6], [1, 2]])], 1))[0]
+    torch.testing.assert_close(first.logits, whole[:, :4], atol=1e-6, rtol=0)
+    torch.testing.assert_close(more.logits, whole[:, 4:], atol=1e-6, rtol=0)
+    assert more.cache.seen == 6 and more.cache.groups[0].kv.length == 6
+
     greedy = model.generate(prompt[:1], 25, greedy=True)[0, 4:].tolist()
     stop = greedy[10]
 

@@ -73,6 +73,11 @@ def _row_groups(input_ids: torch.Tensor, mask: torch.Tensor | None) -> list[tupl
     return groups
 
 
+def _positions(mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The columns of the real tokens of ``rows`` (which all have the same number), (len(rows), n)."""
+    return mask[rows].nonzero()[:, 1].view(len(rows), -1)
+
+
 class NRGPTForCausalLM(PreTrainedModel, GenerationMixin):
     """An nrgpt ``LanguageModel`` (``self.model``) behind the ``transformers`` causal-LM interface."""
 
@@ -105,7 +110,11 @@ class NRGPTForCausalLM(PreTrainedModel, GenerationMixin):
         if group.kv.length + new.shape[1] > block:  # slide: rebuild from the last block_size tokens
             group.kv = KVCache(block)
             return self.model.forward_cached(group.tokens[:, -block:], group.kv)
-        return self.model.forward_cached(new, group.kv)
+        if group.kv.length == 0:  # prefill
+            return self.model.forward_cached(new, group.kv)
+        for j in range(new.shape[1]):  # the cache takes one token at a time after its prefill
+            last = self.model.forward_cached(new[:, j:j + 1], group.kv)
+        return last
 
     def forward(
         self,
@@ -116,7 +125,6 @@ class NRGPTForCausalLM(PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits (B, t, V) of ``input_ids`` (B, t), or of their last ``logits_to_keep`` positions.
@@ -125,8 +133,9 @@ class NRGPTForCausalLM(PreTrainedModel, GenerationMixin):
         logits. The tokenizer's added start token (``start_id``) is read as token 0.
         With ``use_cache=True`` or a ``cache`` (``past_key_values``) from an earlier call, the tokens
         extend that cache and the output carries it. ``labels`` give the mean next-token
-        cross-entropy (shifted inside, -100 ignored). Other keyword arguments (position ids, ...) are
-        ignored: positions follow from the real tokens.
+        cross-entropy (shifted inside, -100 ignored). Other keyword arguments (position ids,
+        return_dict, ...) are ignored: positions follow from the real tokens, and the output is always a
+        ``CausalLMOutputWithPast``.
         """
         cache = cache if cache is not None else past_key_values
         b, t = input_ids.shape
@@ -159,7 +168,7 @@ class NRGPTForCausalLM(PreTrainedModel, GenerationMixin):
             return self.model(input_ids)[0]
         out = input_ids.new_zeros((*input_ids.shape, self.model.config.vocab_size), dtype=self.dtype)
         for rows, tokens in _row_groups(input_ids, mask):
-            out[rows[:, None], mask[rows].nonzero()[:, 1].view(len(rows), -1)] = self.model(tokens)[0]
+            out[rows[:, None], _positions(mask, rows)] = self.model(tokens)[0]
         return out
 
     def _cached_logits(self, cache: NRGPTCache, input_ids: torch.Tensor, mask: torch.Tensor | None,
@@ -179,14 +188,16 @@ class NRGPTForCausalLM(PreTrainedModel, GenerationMixin):
                              "tokens unpadded, or run the whole sequence again without the cache")
         shape = (b, t if full else 1, self.model.config.vocab_size)
         out = torch.zeros(shape, dtype=self.dtype, device=input_ids.device)
+        block = self.model.config.block_size
         for group, new in zip(cache.groups, news):
+            if full and new.shape[1] > block:
+                raise ValueError(f"{new.shape[1]} new tokens: a forward pass that returns every position's logits "
+                                 f"takes at most block_size = {block}")
             last = self._extend(group, new)
             if full:
                 n = new.shape[1]
-                window = group.tokens[:, -self.model.config.block_size:]
-                cols = (torch.arange(t - n, t, device=out.device) if mask is None
-                        else mask[group.rows].nonzero()[:, 1].view(len(group.rows), -1))
-                out[group.rows[:, None], cols] = self.model(window)[0][:, -n:]
+                cols = torch.arange(t - n, t, device=out.device) if mask is None else _positions(mask, group.rows)
+                out[group.rows[:, None], cols] = self.model(group.tokens[:, -block:])[0][:, -n:]
             else:
                 out[group.rows, 0] = last
         return out
