@@ -55,6 +55,7 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module):
         self._loader.exec_module(module)
+        module.__spec__.loader = module.__loader__ = self._loader  # transformers' own loader from now on
         try:
             register()
         except Exception as e:  # never break the user's import of transformers
