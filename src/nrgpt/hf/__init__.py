@@ -56,16 +56,22 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def exec_module(self, module):
         self._loader.exec_module(module)
         module.__spec__.loader = module.__loader__ = self._loader  # transformers' own loader from now on
-        try:
-            register()
-        except Exception as e:  # never break the user's import of transformers
-            warnings.warn(f"nrgpt could not register its classes with transformers: {e}", stacklevel=2)
+        _register_quietly()
+
+
+def _register_quietly() -> None:
+    try:
+        register()
+    except Exception as e:  # never break the user's import of nrgpt or transformers
+        warnings.warn(f"nrgpt could not register its classes with transformers: {e}", stacklevel=3)
 
 
 def autoregister() -> None:
-    """Register now if ``transformers`` is imported, else as soon as it is (see the module docstring)."""
-    if "transformers" in sys.modules:
-        register()
-    elif importlib.util.find_spec("transformers") is not None and not any(
+    """Register now if ``transformers`` is imported, else as soon as it is (see the module docstring);
+    nothing if it is not installed or its import is blocked (``sys.modules["transformers"] = None``)."""
+    imported = sys.modules.get("transformers", False)
+    if imported:
+        _register_quietly()
+    elif imported is False and importlib.util.find_spec("transformers") is not None and not any(
             isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _RegisterAfterImport())

@@ -120,21 +120,17 @@ def export_model(run: str | Path, out_dir: str | Path, which: str = "best", data
     require_hf("nrgpt export")
     from transformers import GenerationConfig
 
-    from ..checkpoint import read_info, resolve
+    from ..checkpoint import load_model, read_info, resolve
     from ..data import load_meta
-    from ..runconfig import RunConfig
     from .configuration import NRGPTConfig
     from .modeling import NRGPTForCausalLM
     from .tokenizer import save_hf_tokenizer
 
     ckpt = resolve(run, which)
     info = read_info(ckpt)
-    run_config = RunConfig.from_dict(info["config"])
+    nrgpt_model, run_config = load_model(ckpt)
     data_dir = Path(data_dir or run_config.data.dir)
     meta = load_meta(data_dir)
-    from ..checkpoint import load_model
-
-    nrgpt_model, _ = load_model(ckpt)
     cfg = nrgpt_model.config
     if meta["vocab_size"] != cfg.vocab_size:
         raise ConfigError(f"{data_dir} has a vocabulary of {meta['vocab_size']} but the model {cfg.vocab_size}: "
@@ -151,7 +147,7 @@ def export_model(run: str | Path, out_dir: str | Path, which: str = "best", data
     model.generation_config = GenerationConfig(**{k: v for k, v in special.items() if k != "start_id"})
     model.save_pretrained(out)
     write_code(out)
-    record = {"format": FORMAT, "checkpoint": str(ckpt), **{k: v for k, v in info.items() if k not in ("format",)}}
+    record = {**info, "format": FORMAT, "checkpoint": str(ckpt)}
     (out / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     shutil.copyfile(data_dir / "meta.json", out / "meta.json")
     if meta["kind"] in ("char", "listops"):
