@@ -3,10 +3,12 @@
 from .config import PRESETS, ConfigError, ModelConfig
 from .energy import AttentionEnergy, EnergyBlock, FFEnergy
 from .generate import generate, sample_next
+from .hf import autoregister
 from .model import GPT, NRGPT, LanguageModel, Trajectory, build_model
 from .reference import CheckpointError, load_reference_checkpoint
 
 __version__ = "0.1.0"
+autoregister()  # the transformers Auto classes know model_type 'nrgpt' once transformers is imported
 
 __all__ = [
     "PRESETS", "ConfigError", "ModelConfig", "AttentionEnergy", "EnergyBlock", "FFEnergy",

@@ -210,12 +210,16 @@ def dataset_record(data_dir: str | Path) -> dict[str, Any]:
 def load_model(run_or_ckpt: str | Path, device: str | torch.device = "cpu",
                which: str = "best") -> tuple[LanguageModel, RunConfig]:
     """The trained model (in eval mode, on ``device``) and its run config, from a run directory (its
-    ``which`` checkpoint, 'best' or 'last') or a checkpoint directory."""
+    ``which`` checkpoint, 'best' or 'last'), a checkpoint directory or a directory of ``nrgpt export``."""
     model, config, _ = _load(run_or_ckpt, device, which)
     return model, config
 
 
 def _load(run_or_ckpt: str | Path, device: str | torch.device, which: str) -> tuple[LanguageModel, RunConfig, dict]:
+    from .hf.export import is_exported, load_exported
+
+    if is_exported(run_or_ckpt):
+        return load_exported(run_or_ckpt, device)
     ckpt = resolve(run_or_ckpt, which)
     info = read_info(ckpt)
     try:

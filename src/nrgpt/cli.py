@@ -33,7 +33,8 @@ from .argtypes import integer, number, seed
 from .errors import ConfigError, DivergenceError, UserError, first_line
 
 # The modules that add subcommands, in the order `nrgpt --help` lists them. Add yours here.
-COMMAND_MODULES = ("nrgpt.cli", "nrgpt.train", "nrgpt.sample", "nrgpt.sweep", "nrgpt.report", "nrgpt.dynamics")
+COMMAND_MODULES = ("nrgpt.cli", "nrgpt.train", "nrgpt.sample", "nrgpt.sweep", "nrgpt.report", "nrgpt.dynamics",
+                   "nrgpt.hf.export")
 
 EVAL_TASKS = ("loss", "listops", "quality")
 
@@ -115,7 +116,11 @@ def evaluate_loss(args: argparse.Namespace) -> dict[str, float]:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    if args.task == "loss":
+    if args.harness:
+        from .hf.harness import harness_task
+
+        results = harness_task(args)
+    elif args.task == "loss":
         results = evaluate_loss(args)
     else:
         if importlib.util.find_spec("nrgpt.evaluate") is None:
@@ -138,6 +143,8 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", choices=("best", "last"), default="best")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--data-dir", help="the dataset, if not the run's data.dir")
+    p.add_argument("--harness", metavar="TASKS", help="run lm-evaluation-harness tasks instead (listops, perplexity; "
+                                                      "comma-separated) on the model exported (extra: hf)")
     if importlib.util.find_spec("nrgpt.evaluate") is not None:
         importlib.import_module("nrgpt.evaluate").add_arguments(p)
     p.set_defaults(func=evaluate)
