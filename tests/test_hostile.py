@@ -262,6 +262,17 @@ CASES = [
     Case("corpus val fraction 2", "silent nonsense",
          lambda c: ["prepare", "corpus", str(c.user), "--val-fraction", "2", "--out", str(c.tmp / "c")],
          "out of range"),
+    # ---------------------------------------------------------------- export
+    Case("export into a folder of the user's", "lost work", lambda c: ["export", str(c.run), str(c.user)],
+         "not empty and not an nrgpt export"),
+    Case("export into a run directory", "lost work", lambda c: ["export", str(c.run), str(c.run)],
+         "not empty and not an nrgpt export"),
+    Case("export with another dataset", "vocabulary",
+         lambda c: ["export", str(c.run), str(c.tmp / "e1"), "--data-dir", str(c.listops)], "not the model's"),
+    Case("export of no run", "bad checkpoint", lambda c: ["export", str(c.user), str(c.tmp / "e2")],
+         "holds no checkpoint"),
+    Case("sample a damaged export", "bad checkpoint",
+         lambda c: ["sample", str(_write(_exported(c) / "nrgpt_run.json", "{").parent)], "not valid JSON"),
     # ---------------------------------------------------------------- command line
     Case("unknown command", "CLI", lambda c: ["trian"], "invalid choice"),
     Case("unknown option", "CLI", lambda c: ["sample", str(c.run), "--temprature", "1"], "unrecognized arguments"),
@@ -278,6 +289,12 @@ def _gone_dataset(ctx: Ctx) -> Path:
     train(tiny_config(data, run, "train.max_iters=1", "train.eval_iters=1"), quiet=True)
     shutil.rmtree(data)
     return run
+
+
+def _exported(ctx: Ctx) -> Path:
+    out = ctx.tmp / "exported"
+    assert cli.main(["export", str(ctx.run), str(out)]) == 0
+    return out
 
 
 def _sweep_file(ctx: Ctx) -> str:

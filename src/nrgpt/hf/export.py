@@ -119,24 +119,25 @@ def export_model(run: str | Path, out_dir: str | Path, which: str = "best", data
     require_hf("nrgpt export")
     from transformers import GenerationConfig
 
-    from ..checkpoint import load_model, read_info, resolve
+    from ..checkpoint import load_run, read_info, resolve
     from ..data import load_meta
     from .configuration import NRGPTConfig
     from .modeling import NRGPTForCausalLM
     from .tokenizer import save_hf_tokenizer
 
+    out = Path(out_dir)
+    if out.exists() and not (out.is_dir() and (is_exported(out) or not any(out.iterdir()))):
+        raise ConfigError(f"{out} is not empty and not an nrgpt export: export to a new or empty directory "
+                          "(nothing of yours is overwritten)")
     ckpt = resolve(run, which)
     info = read_info(ckpt)
-    nrgpt_model, run_config = load_model(ckpt)
-    data_dir = Path(data_dir or run_config.data.dir)
+    nrgpt_model, run_config, data_dir = load_run(ckpt, "cpu", which, data_dir)
+    data_dir = Path(data_dir)
     meta = load_meta(data_dir)
     cfg = nrgpt_model.config
     if meta["vocab_size"] != cfg.vocab_size:
         raise ConfigError(f"{data_dir} has a vocabulary of {meta['vocab_size']} but the model {cfg.vocab_size}: "
                           "give the run's dataset with --data-dir")
-    out = Path(out_dir)
-    if (out / "checkpoint.json").is_file() or (out / "metrics.jsonl").is_file():
-        raise ConfigError(f"{out} is an nrgpt run or checkpoint directory: export to a new directory")
     out.mkdir(parents=True, exist_ok=True)
     special = save_hf_tokenizer(data_dir, meta["kind"], out)
     config = NRGPTConfig(nrgpt=cfg.to_dict(), tokenizer_kind=meta["kind"], architectures=["NRGPTForCausalLM"],
