@@ -29,7 +29,7 @@ from nrgpt.dynamics import (
     summarize_dynamics,
 )
 from nrgpt.evaluate import listops_accuracy, load_listops_samples
-from nrgpt.layers import KVCache
+from nrgpt.decoding import KVCache
 from nrgpt.plots import save_png
 from nrgpt.runconfig import DataConfig, RunConfig
 

@@ -22,7 +22,7 @@ from nrgpt.evaluate import (
     load_listops_samples,
     overfitting_curve,
 )
-from nrgpt.layers import KVCache
+from nrgpt.decoding import KVCache
 from nrgpt.metrics import distinct_n, pairwise_cosine_mean
 from nrgpt.runconfig import DataConfig, RunConfig
 
