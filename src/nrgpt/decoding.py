@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+
 class KVCache:
     """Keys (and values) of past tokens, one slot per application of a block (step or layer).
 

@@ -33,12 +33,13 @@ Early exit (variable computation)
 ---------------------------------
 ``EarlyExit`` runs the same dynamics (``nrgpt.energy.descent`` with a tolerance) but freezes each token
 once its gradient norm ||dE_A/dg_A^(t)|| falls below ``tol``: from that step on its state is kept (it
-takes no more steps, even if its gradient grows again as earlier tokens keep moving). A frozen token still serves as a key, with its frozen state,
-for the later tokens that attend to it. Token A's freeze decision depends only on its gradient, which
-depends only on tokens B <= A, so causality is kept: no token ever sees a later one, in the full
-forward as in cached decoding. The batched implementation still computes frozen tokens (masked); the
-step counts measure what a per-token implementation would compute. ``tol = 0`` never freezes (the
-fixed-steps model); a huge tol freezes every token before its first step (logits from the embedding).
+takes no more steps, even if its gradient grows again as earlier tokens keep moving). A frozen token
+still serves as a key, with its frozen state, for the later tokens that attend to it. Token A's freeze
+decision depends only on its gradient, which depends only on tokens B <= A, so causality is kept: no
+token ever sees a later one, in the full forward as in cached decoding. The batched implementation still
+computes frozen tokens (masked); the step counts measure what a per-token implementation would compute.
+``tol = 0`` never freezes (the fixed-steps model); a huge tol freezes every token before its first step
+(logits from the embedding).
 """
 
 from __future__ import annotations
