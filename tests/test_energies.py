@@ -334,3 +334,17 @@ def test_early_exit_is_a_tolerance_of_the_same_loop():
             expected += active
         assert torch.equal(steps, expected) and 0 < steps.sum() < steps.numel() * SMALL["n_steps"]
         torch.testing.assert_close(logits, model.lm_head(model.ln_f(x)), rtol=0, atol=0)
+
+
+def test_the_user_energy_example_in_docs_model_md_runs(monkeypatch):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "model.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(import math.*?)```", text, re.S).group(1)
+    monkeypatch.setitem(FF_ENERGIES, "logcosh", LogCosh)  # restored afterwards: the example registers its own
+    monkeypatch.setitem(ATTENTION_ENERGIES, "dot", DotAttention)
+    namespace: dict = {}
+    exec(compile(code, "docs/model.md", "exec"), namespace)
+    assert isinstance(namespace["model"].block.attn, ATTENTION_ENERGIES["dot"])
+    assert FF_ENERGIES["logcosh"] is not LogCosh
