@@ -81,6 +81,7 @@ class InferenceRate(nn.Module):
         elif self.kind == "diag_lowrank":
             self.d = nn.Parameter(torch.full((s, d), math.log(math.expm1(config.eta_init))))  # softplus(d) = c
             self.U = nn.Parameter(torch.randn(s, d, config.eta_rank) * 0.02)
+        self.apply_rate = getattr(self, "_" + self.kind)  # chosen once: eta^(t) grad for step t
 
     def matrix(self, step: int = 0) -> torch.Tensor:
         """eta^(step) as a D x D matrix (for analysis; ``forward`` never forms it for 'descent')."""
@@ -89,17 +90,23 @@ class InferenceRate(nn.Module):
         return self(eye, step).T
 
     def forward(self, grad: torch.Tensor, step: int = 0) -> torch.Tensor:
-        t = min(step, self.n - 1)
-        if self.kind == "free":
-            return grad @ self.weight[t].T
-        if self.kind == "descent":
-            return grad * (self.log_c[t].exp() * self.gamma_source[0].gamma)
-        if self.kind == "psd":
-            u, v = self.U[t], self.V[t]
-            return grad @ (u.T @ u + v - v.T).T
-        if self.kind == "diag_lowrank":
-            u = self.U[t]
-            return grad * F.softplus(self.d[t]) + (grad @ u) @ u.T
+        return self.apply_rate(grad, min(step, self.n - 1))
+
+    def _free(self, grad: torch.Tensor, t: int) -> torch.Tensor:
+        return grad @ self.weight[t].T
+
+    def _descent(self, grad: torch.Tensor, t: int) -> torch.Tensor:
+        return grad * (self.log_c[t].exp() * self.gamma_source[0].gamma)
+
+    def _psd(self, grad: torch.Tensor, t: int) -> torch.Tensor:
+        u, v = self.U[t], self.V[t]
+        return grad @ (u.T @ u + v - v.T).T
+
+    def _diag_lowrank(self, grad: torch.Tensor, t: int) -> torch.Tensor:
+        u = self.U[t]
+        return grad * F.softplus(self.d[t]) + (grad @ u) @ u.T
+
+    def _identity(self, grad: torch.Tensor, t: int) -> torch.Tensor:
         return grad
 
 
