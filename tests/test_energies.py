@@ -101,6 +101,8 @@ def test_register_energy_rejects_what_it_cannot_register():
         register_energy("none")(DotAttention)
     with pytest.raises(ValueError, match="identifier"):
         register_energy("two words")
+    with pytest.raises(ValueError, match="'ff2w' is a built-in energy"):
+        register_energy("ff2w")(LogCosh)
 
 
 def test_attention_without_closed_form_needs_the_query_side_gradient():

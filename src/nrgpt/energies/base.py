@@ -138,7 +138,7 @@ ATTENTION_ENERGIES: dict[str, type[AttentionEnergy]] = {}
 def register_energy(name: str):
     """Class decorator: ``@register_energy("name")`` on an ``FFEnergy`` or ``AttentionEnergy`` subclass
     makes it selectable as ``ModelConfig(ff="name")`` or ``ModelConfig(attention="name")``. Registering
-    a name again replaces the earlier class (re-running a notebook cell)."""
+    a user's name again replaces the earlier class (re-running a notebook cell); a built-in name is kept."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"energy name {name!r} must be an identifier such as 'my_energy'")
 
@@ -152,6 +152,8 @@ def register_energy(name: str):
                             f"AttentionEnergy, not {cls!r}")
         if table is ATTENTION_ENERGIES and name == NO_ATTENTION:
             raise ValueError(f"attention energy name {NO_ATTENTION!r} is reserved for 'no attention energy'")
+        if name in table and table[name].__module__.startswith(__package__ + ".") and table[name] is not cls:
+            raise ValueError(f"{name!r} is a built-in energy; register yours under another name")
         if table is FF_ENERGIES and cls.conditioning not in (None, "input", "step"):
             raise ValueError(f"{cls.__name__}.conditioning = {cls.conditioning!r}; use None, 'input' or 'step'")
         cls.name = name
