@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 from common import build, finish, interleave, parser, setup, stats, table, target, timed
 
-from nrgpt.generate import GraphedDecode
-from nrgpt.layers import KVCache
+from nrgpt.decoding import GraphedDecode, KVCache
 
 PRESET = "NRGPT_H_FF2W"
 

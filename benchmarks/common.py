@@ -163,7 +163,7 @@ def batch(vocab: int, b: int, t: int, seed: int = 0) -> tuple[torch.Tensor, torc
 def use_autograd_energy_grad(model: torch.nn.Module) -> torch.nn.Module:
     """Replace the closed-form hot path by autograd of the energy (per instance)."""
     block = model.block
-    block.energy_grad = lambda g, cache=None, step=0: block.energy_grad_autograd(g)
+    block.energy_grad = lambda g, cache=None, step=0, cond=None: block.energy_grad_autograd(g, cond)
     return model
 
 

@@ -13,6 +13,7 @@ from nrgpt import ModelConfig, build_model
 from nrgpt.checkpoint import save_checkpoint
 from nrgpt.cli import main as cli_main
 from nrgpt.data import prepare_listops
+from nrgpt.decoding import KVCache
 from nrgpt.dynamics import (
     Dynamics,
     EarlyExit,
@@ -29,7 +30,6 @@ from nrgpt.dynamics import (
     summarize_dynamics,
 )
 from nrgpt.evaluate import listops_accuracy, load_listops_samples
-from nrgpt.layers import KVCache
 from nrgpt.plots import save_png
 from nrgpt.runconfig import DataConfig, RunConfig
 

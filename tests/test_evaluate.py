@@ -15,6 +15,7 @@ from nrgpt.checkpoint import save_checkpoint
 from nrgpt.cli import main as cli_main
 from nrgpt.data import import_listops, load_tokenizer
 from nrgpt.data.tokenizers import CharTokenizer
+from nrgpt.decoding import KVCache
 from nrgpt.evaluate import (
     generation_quality_for_model,
     greedy_continuations,
@@ -22,7 +23,6 @@ from nrgpt.evaluate import (
     load_listops_samples,
     overfitting_curve,
 )
-from nrgpt.layers import KVCache
 from nrgpt.metrics import distinct_n, pairwise_cosine_mean
 from nrgpt.runconfig import DataConfig, RunConfig
 

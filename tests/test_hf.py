@@ -273,8 +273,9 @@ def test_exported_directory_works_without_nrgpt(char_export, char_run, tmp_path,
     pytest.importorskip("lm_eval")
     for path in char_export.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level:
-                assert (char_export / f"{node.module}.py").is_file(), (path.name, node.module)
+            if isinstance(node, ast.ImportFrom) and node.level:  # siblings only: from .x import / from . import x
+                for module in [node.module] if node.module else [alias.name for alias in node.names]:
+                    assert (char_export / f"{module}.py").is_file(), (path.name, module)
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
                 assert not any(n.split(".")[0] == "nrgpt" for n in names), path.name

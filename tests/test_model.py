@@ -51,7 +51,7 @@ def test_cached_generation_equals_recomputation(cfg):
     full = model.generate(prompt, n_new, greedy=True, use_cache=False)
     assert torch.equal(cached, full)
     # the cached path's logits equal the full forward's last-position logits
-    from nrgpt.layers import KVCache
+    from nrgpt.decoding import KVCache
 
     idx = torch.randint(0, cfg.vocab_size, (2, 9))
     cache = KVCache(cfg.block_size)
@@ -65,7 +65,7 @@ def test_cached_generation_equals_recomputation(cfg):
 def test_static_cache_decoding_equals_the_growing_cache(cfg):
     """KVCache(static=True) (what a CUDA graph replays: keys written at a device-tensor position,
     attention over every slot under a mask) gives the growing cache's logits, in float64."""
-    from nrgpt.layers import KVCache
+    from nrgpt.decoding import KVCache
 
     model = random_model(cfg, seed=2).double()
     idx = torch.randint(0, cfg.vocab_size, (2, cfg.block_size))

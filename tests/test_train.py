@@ -53,8 +53,10 @@ def test_weight_decay_only_on_matrices():
     decay, no_decay = make_optimizer(model, tc, torch.device("cpu")).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert {names[id(p)] for p in no_decay["params"]} >= {"block.norm.bias", "block.attn.alpha", "block.eta.log_c"}
-    assert {names[id(p)] for p in decay["params"]} >= {"tok_emb.weight", "block.attn.query", "block.ff.fc1.weight"}
+    assert {names[id(p)] for p in no_decay["params"]} >= {"blocks.0.norm.bias", "blocks.0.attn.alpha",
+                                                           "blocks.0.eta.log_c"}
+    assert {names[id(p)] for p in decay["params"]} >= {"tok_emb.weight", "blocks.0.attn.query",
+                                                       "blocks.0.ff.fc1.weight"}
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
 
 

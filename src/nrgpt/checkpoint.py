@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .data import load_meta
 from .errors import CheckpointError, ConfigError, DataError, first_line
-from .model import LanguageModel, build_model
+from .model import LanguageModel, build_model, rename_legacy_weights
 from .runconfig import RunConfig
 
 WEIGHTS, INFO, STATE = "model.safetensors", "checkpoint.json", "state.pt"
@@ -183,7 +183,10 @@ def check_optimizer_state(state: dict[str, Any], params: list[torch.nn.Parameter
 
 
 def load_matching(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: Path) -> None:
-    """Load ``weights`` into ``model``; CheckpointError naming the missing, unexpected or mis-shaped tensors."""
+    """Load ``weights`` into ``model``; CheckpointError naming the missing, unexpected or mis-shaped tensors.
+    Names of older versions of the package are updated first (``rename_legacy_weights``)."""
+    weights = dict(weights)
+    rename_legacy_weights(weights)
     own = model.state_dict()
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))

@@ -15,11 +15,9 @@ from typing import Any
 from .errors import ConfigError
 
 MODELS = ("nrgpt", "gpt", "rgpt", "rgpt_parallel")
-ATTENTIONS = ("lowrank", "full", "none")
 MASKS = ("strict", "inclusive")
-FF_ENERGIES = ("ff1", "ff2w", "ff2", "dam")
 NORMS = ("layernorm", "rmsnorm", "bare_layernorm", "none")
-ETAS = ("free", "descent", "psd", "identity")
+ETAS = ("free", "descent", "psd", "diag_lowrank", "identity")
 GRAD_MODES = ("exact", "reference")
 
 
@@ -38,19 +36,26 @@ class ModelConfig:
                    one more forward of compute, identical results.
 
     NRGPT only (ignored by the baselines):
-      attention    'lowrank': J_h = W_K^T W_Q with head size n_embd/n_head, beta = 1/sqrt(head size)
-                   and a learnable alpha_h (eq. 11, the paper); 'full': one n_embd x n_embd matrix per
-                   head, beta = 1, no alpha (the reference code); 'none': no attention energy
-                   (tokens do not interact: an ablation, and the case where total energy must fall).
+      attention    a registered attention energy (``nrgpt.energies``; docs/model.md): 'lowrank':
+                   J_h = W_K^T W_Q with head size n_embd/n_head, beta = 1/sqrt(head size) and a learnable
+                   alpha_h (eq. 11, the paper); 'full': one n_embd x n_embd matrix per head, beta = 1, no
+                   alpha (the reference code); 'diag_lowrank': J_h = diag(d_h) + W_K^T W_Q; 'none': no
+                   attention energy (tokens do not interact: an ablation, and the case where total energy
+                   must fall).
       mask         'strict': token A attends B < A (eq. 11); 'inclusive': B <= A.
-      ff           feed-forward energy: 'ff1' -||GELU(W g + b)||^2; 'ff2w' -g.(W2 GELU(W1 g + b1) + b2)
-                   (eq. 24); 'ff2' -||GELU(W2 GELU(W1 g + b1) + b2)||^2 (W1 is n_embd x n_embd);
-                   'dam' -sum F(W g + b), F = ReLU^2/2 (eq. 14-16).
+      ff           a registered feed-forward energy: 'ff1' -||GELU(W g + b)||^2; 'ff2w'
+                   -g.(W2 GELU(W1 g + b1) + b2) (eq. 24); 'ff2' -||GELU(W2 GELU(W1 g + b1) + b2)||^2 (W1 is
+                   n_embd x n_embd); 'dam' -sum F(W g + b), F = ReLU^2/2 (eq. 14-16); 'glu', 'glu_step' the
+                   gated energy -sum_i F(w_i.g)(v_i.c + b_i), F' = GELU, conditioned on the normalised input
+                   embedding or on the state at the start of the step.
+      n_blocks     distinct energy blocks, each applied n_steps times in turn (recursive blocks; 1: NRGPT).
       norm         g = norm(x) (eq. 17, 25-26): 'layernorm', 'rmsnorm', 'bare_layernorm' (weight
                    fixed at 1, trained bias: the reference code), 'none' (g = x).
       eta          inference rate (eq. 6): 'free' a trained n_embd x n_embd matrix (reference code);
                    'descent' c * diag(gamma), c > 0 (Prop. 2.1); 'psd' U^T U + V - V^T (Prop. 2.2,
-                   eq. 19); 'identity'.
+                   eq. 19); 'diag_lowrank' diag(softplus(d)) + U U^T with U of rank eta_rank (a
+                   lightweight preconditioner, positive definite: Prop. 2.2 applies); 'identity'.
+      eta_rank     the rank r of U for eta 'diag_lowrank'.
       eta_per_step one eta per step (eta^(t)) instead of one shared by all steps.
       eta_init     initial c for 'descent'/'psd' (the initial step size scale).
       ff_scale     a trained scalar s multiplying the FF energy, E = E^AT + s E^FF (the reference
@@ -67,6 +72,7 @@ class ModelConfig:
     n_steps: int = 8
     dropout: float = 0.0
     ff_mult: int = 4
+    n_blocks: int = 1
     attention: str = "full"
     mask: str = "inclusive"
     ff: str = "ff2w"
@@ -74,6 +80,7 @@ class ModelConfig:
     eta: str = "free"
     eta_per_step: bool = False
     eta_init: float = 1.0
+    eta_rank: int = 8
     ff_scale: bool = True
     grad_mode: str = "reference"
     checkpoint_steps: bool = False
@@ -95,14 +102,16 @@ class ModelConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"model.{name} = {value!r} must be a positive integer")
 
+        from .energies import ATTENTION_ENERGIES, FF_ENERGIES, NO_ATTENTION
+
         choice("model", MODELS)
-        choice("attention", ATTENTIONS)
+        choice("attention", (*ATTENTION_ENERGIES, NO_ATTENTION))
         choice("mask", MASKS)
-        choice("ff", FF_ENERGIES)
+        choice("ff", tuple(FF_ENERGIES))
         choice("norm", NORMS)
         choice("eta", ETAS)
         choice("grad_mode", GRAD_MODES)
-        for name in ("vocab_size", "block_size", "n_embd", "n_head", "n_steps", "ff_mult"):
+        for name in ("vocab_size", "block_size", "n_embd", "n_head", "n_steps", "ff_mult", "n_blocks", "eta_rank"):
             positive_int(name)
         for name in ("eta_per_step", "ff_scale", "checkpoint_steps"):
             if not isinstance(getattr(self, name), bool):
@@ -115,6 +124,14 @@ class ModelConfig:
             raise ConfigError(
                 f"model.n_embd = {self.n_embd} is not divisible by model.n_head = {self.n_head}; "
                 "pick n_head among the divisors of n_embd"
+            )
+        attention = ATTENTION_ENERGIES.get(self.attention)
+        if attention is not None and not attention.has_closed_form() and self.mask == "inclusive" \
+                and self.grad_mode == "exact":
+            raise ConfigError(
+                f"model.attention = {self.attention!r} has no closed-form grad, and autograd gives only the query "
+                "side, which under mask 'inclusive' is grad_mode 'reference'; set model.mask = 'strict' or "
+                "model.grad_mode = 'reference' (or give the energy a grad)"
             )
 
     # ------------------------------------------------------------------ helpers
@@ -183,9 +200,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "NRGPT_H_FF2": {**_REFERENCE_NRGPT, "ff": "ff2"},
     "NRGPT_P_FF1": {**_PAPER_NRGPT, "ff": "ff1"},
     "NRGPT_P_FF2W": {**_PAPER_NRGPT, "ff": "ff2w"},
+    # Also the Energy Transformer's energy (Hoover et al. 2023) in causal per-token form: energy attention
+    # is the low-rank attention, its Hopfield network the dam energy (docs/model.md).
     "NRGPT_P_DAM": {**_PAPER_NRGPT, "ff": "dam"},
     # Prop. 2.2: no normalisation, eta = U^T U + V - V^T.
     "NRGPT_P_PSD": {**_PAPER_NRGPT, "ff": "ff2w", "norm": "none", "eta": "psd"},
+    # After NRGPT (docs/model.md, "The variants after NRGPT"): each changes one part of NRGPT_P_FF2W.
+    "NRGPT_P_DLR": {**_PAPER_NRGPT, "ff": "ff2w", "attention": "diag_lowrank"},
+    "NRGPT_P_GLU": {**_PAPER_NRGPT, "ff": "glu"},
+    "NRGPT_P_GLU_STEP": {**_PAPER_NRGPT, "ff": "glu_step"},
+    "NRGPT_P_PRECOND": {**_PAPER_NRGPT, "ff": "ff2w", "norm": "none", "eta": "diag_lowrank"},
+    "NRGPT_P_REC": {**_PAPER_NRGPT, "ff": "ff2w", "n_blocks": 2, "n_steps": 4},
     "GPT": {"model": "gpt"},
     "GPT_Rec": {"model": "rgpt"},
     "GPT_Rec_parallel": {"model": "rgpt_parallel"},

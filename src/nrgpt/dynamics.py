@@ -25,19 +25,21 @@ With the noise floor tol_A^(t) = energy_tol * (1 + |E_A^(t)|):
   attends to are frozen, its own energy can only fall (so the first token's falls from the start);
 * ``descent_guarantee``: the model's eta and whether its own-move descent is guaranteed (to first
   order, i.e. for small enough steps): eta = c diag(gamma) (Prop. 2.1), or without normalisation
-  eta = I or psd (Prop. 2.2); a free eta matrix, or a psd eta with normalisation, carries no guarantee;
+  eta = I, psd or diag_lowrank (Prop. 2.2); a free eta matrix, or a psd or diag_lowrank eta with
+  normalisation, carries no guarantee;
   and with the inclusive mask under grad_mode 'reference' the update is not the gradient of E_A at all.
 
 Early exit (variable computation)
 ---------------------------------
-``EarlyExit`` runs the same dynamics but freezes each token once its gradient norm ||dE_A/dg_A^(t)||
-falls below ``tol``: from that step on its state is kept (it takes no more steps, even if its gradient
-grows again as earlier tokens keep moving). A frozen token still serves as a key, with its frozen state,
-for the later tokens that attend to it. Token A's freeze decision depends only on its gradient, which
-depends only on tokens B <= A, so causality is kept: no token ever sees a later one, in the full
-forward as in cached decoding. The batched implementation still computes frozen tokens (masked); the
-step counts measure what a per-token implementation would compute. ``tol = 0`` never freezes (the
-fixed-steps model); a huge tol freezes every token before its first step (logits from the embedding).
+``EarlyExit`` runs the same dynamics (``nrgpt.energy.descent`` with a tolerance) but freezes each token
+once its gradient norm ||dE_A/dg_A^(t)|| falls below ``tol``: from that step on its state is kept (it
+takes no more steps, even if its gradient grows again as earlier tokens keep moving). A frozen token
+still serves as a key, with its frozen state, for the later tokens that attend to it. Token A's freeze
+decision depends only on its gradient, which depends only on tokens B <= A, so causality is kept: no
+token ever sees a later one, in the full forward as in cached decoding. The batched implementation still
+computes frozen tokens (masked); the step counts measure what a per-token implementation would compute.
+``tol = 0`` never freezes (the fixed-steps model); a huge tol freezes every token before its first step
+(logits from the embedding).
 """
 
 from __future__ import annotations
@@ -57,9 +59,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .argtypes import comma_list, integer, number, seed
-from .energy import EnergyBlock
+from .decoding import KVCache
+from .energy import DescentStep, EnergyBlock
 from .evaluate import ListOpsSamples, load_listops_samples, score_listops
-from .layers import KVCache
 from .model import NRGPT, LanguageModel
 from .plots import index_colorbar, indexed_lines, mark_x, new_figure, save_png, style_axes
 
@@ -108,14 +110,16 @@ class Dynamics:
 
 @torch.no_grad()
 def own_move_energies(block: EnergyBlock, g: torch.Tensor, g_next: torch.Tensor, chunk: int = 16,
-                      max_elements: int = 1 << 24) -> torch.Tensor:
+                      max_elements: int = 1 << 24, cond: torch.Tensor | None = None) -> torch.Tensor:
     """E_A with token A at ``g_next`` and every other token at ``g`` (both (B, T, D)), for every A: (B, T).
 
     The one-token substitutions are stacked along the batch and evaluated with ``block.energy`` (eq. 3),
     up to ``chunk`` tokens (and about ``max_elements`` numbers) at a time; since E_A depends on tokens
-    B <= A only, each chunk is evaluated on the prefix that ends with its last token.
+    B <= A only, each chunk is evaluated on the prefix that ends with its last token. A conditioned FF
+    energy keeps its conditioning ``cond`` (default: as ``block.energy`` at g) fixed.
     """
     b, t, d = g.shape
+    cond = block.condition(g, cond)
     out = g.new_empty(b, t)
     per_chunk = max(1, min(chunk, max_elements // (b * t * d)))
     for start in range(0, t, per_chunk):
@@ -124,7 +128,8 @@ def own_move_energies(block: EnergyBlock, g: torch.Tensor, g_next: torch.Tensor,
         rows = torch.arange(len(pos), device=g.device)
         moved = g[:, :end].unsqueeze(0).repeat(len(pos), 1, 1, 1)  # (n, B, end, D): copy i has pos[i] moved
         moved[rows, :, pos] = g_next[:, pos].transpose(0, 1)
-        energy = block.energy(moved.flatten(0, 1))[0].view(len(pos), b, end)
+        c = None if cond is None else cond[:, :end].expand(len(pos), -1, -1, -1).flatten(0, 1)
+        energy = block.energy(moved.flatten(0, 1), cond=c)[0].view(len(pos), b, end)
         out[:, pos] = energy[rows, :, pos].T
     return out
 
@@ -137,10 +142,13 @@ def record_dynamics(model: NRGPT, idx: torch.Tensor, n_steps: int | None = None,
     model = require_energy_model(model)
     was_training = model.training
     model.eval()
+    own: list[torch.Tensor] = []
+
+    def own_move(step: DescentStep) -> None:
+        own.append(own_move_energies(step.block, step.g, step.block.norm(step.x_next), cond=step.cond))
+
     try:
-        traj = model.energy_trajectory(idx, n_steps)
-        g = model.block.norm(traj.states)  # (S+1, B, T, D)
-        own = [own_move_energies(model.block, g[t], g[t + 1]) for t in range(len(g) - 1)]
+        traj = model.energy_trajectory(idx, n_steps, on_step=own_move)
     finally:
         model.train(was_training)
     own_change = torch.stack(own) - traj.energy[:-1] if own else traj.energy[:0]
@@ -171,10 +179,13 @@ def descent_guarantee(model: NRGPT) -> dict[str, Any]:
     if cfg.eta == "descent":
         prop = "Prop. 2.2: eta = c I is psd" if no_norm else "Prop. 2.1: eta = c diag(gamma), c > 0"
         return {**out, "guaranteed": True, "reason": prop}
-    if cfg.eta == "psd":
+    if cfg.eta in ("psd", "diag_lowrank"):
         if no_norm:
-            return {**out, "guaranteed": True, "reason": "Prop. 2.2: eta = U^T U + V - V^T has a psd symmetric part"}
-        return {**out, "guaranteed": False, "reason": "a psd eta with normalisation is not c diag(gamma) (Prop. 2.1)"}
+            form = "U^T U + V - V^T has a psd symmetric part" if cfg.eta == "psd" else \
+                "diag(softplus(d)) + U U^T is positive definite"
+            return {**out, "guaranteed": True, "reason": f"Prop. 2.2: eta = {form}"}
+        return {**out, "guaranteed": False, "reason": f"a {cfg.eta} eta with normalisation is not c diag(gamma) "
+                                                      "(Prop. 2.1)"}
     if cfg.eta == "identity":
         if no_norm or bool((gamma == gamma[0]).all() and gamma[0] > 0):
             return {**out, "guaranteed": True, "reason": "eta = I = c diag(gamma) with constant positive gamma "
@@ -235,10 +246,10 @@ def summarize_dynamics(dyn: Dynamics, energy_tol: float = DEFAULT_ENERGY_TOL) ->
 
 
 class EarlyExit(nn.Module):
-    """An NRGPT whose tokens stop their dynamics once ||dE_A/dg_A|| < ``tol`` (see the module docstring),
-    running at most ``max_steps`` steps (default: the trained number). Same interface as the model for
-    evaluation: ``logits, loss = ee(idx, targets)``, ``forward_cached(idx, cache)`` and ``config``;
-    ``run(idx)`` also returns every token's number of steps."""
+    """An NRGPT evaluated with early exit: ``model``'s descent with tolerance ``tol`` and at most
+    ``max_steps`` steps (default: the trained number); see ``NRGPT.run`` and ``nrgpt.energy.descent``.
+    It has the interface evaluation needs: ``logits, loss = ee(idx, targets)``, ``forward_cached(idx,
+    cache)`` and ``config``; ``run(idx)`` also returns every token's number of steps."""
 
     def __init__(self, model: NRGPT, tol: float, max_steps: int | None = None):
         super().__init__()
@@ -250,35 +261,18 @@ class EarlyExit(nn.Module):
     def config(self):
         return self.model.config
 
-    def body(self, x: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final states and steps taken per token (B, T). A token that freezes keeps its state, and its
-        keys (stored in ``cache`` at every step) are those of that state."""
-        block = self.model.block
-        active = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-        steps = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)
-        for t in range(self.max_steps):
-            grad = block.energy_grad(block.norm(x), cache, t)
-            active &= grad.norm(dim=-1) >= self.tol
-            x = torch.where(active[..., None], x - block.eta(grad, t), x)  # eq. 6 (EnergyBlock.forward)
-            steps += active
-        return x, steps
-
     def run(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, V) and steps per token (B, T)."""
-        x, steps = self.body(self.model.embed(idx))
-        return self.model.lm_head(self.model.ln_f(x)), steps
+        return self.model.run(idx, self.max_steps, self.tol)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         logits, _ = self.run(idx)
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
 
-    @torch.no_grad()
     def forward_cached(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Last-position logits for new tokens appended to the cached context (as ``LanguageModel``)."""
-        x, _ = self.body(self.model.embed(idx, cache.length), cache)
-        cache.advance(idx.shape[1])
-        return self.model.lm_head(self.model.ln_f(x[:, -1]))
+        """Last-position logits for new tokens appended to the cached context (early-exit decoding)."""
+        return self.model.forward_cached(idx, cache, n_steps=self.max_steps, tol=self.tol)
 
 
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]

@@ -37,7 +37,7 @@ import argparse
 import json
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,58 +48,11 @@ import torch.nn as nn
 from .argtypes import default_of, integer, number, seed
 from .config import ConfigError
 from .data import DataError, Tokenizer, TokenStream, listops_sample_info, load_tokenizer, read_listops_test
-from .layers import KVCache
+from .decoding import greedy_continuations
 from .model import LanguageModel
 from .rundir import read_metrics
 
 LISTOPS_SPLITS = {"test": "test", "val": "test", "train": "train"}
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters(), torch.empty(0)).device
-
-
-# ---------------------------------------------------------------------------------------------- decoding
-
-
-@torch.inference_mode()
-def greedy_continuations(model: nn.Module, prompts: Sequence[Sequence[int]], eos_id: int | None,
-                         max_new_tokens: int, batch_size: int = 64) -> list[list[int]]:
-    """Greedy continuation of every prompt, ending with ``eos_id`` where the model emitted it.
-
-    ``model`` needs ``config.block_size`` and ``forward_cached(idx, cache)`` (last-position logits).
-    Prompts of equal length are decoded together, ``batch_size`` at a time, so no padding is needed and
-    the result equals decoding each prompt alone. A prompt gets at most ``max_new_tokens`` tokens, and no
-    more than fit the block (the last generated token is never fed back, so a prompt of L tokens can be
-    continued by block_size - L + 1 tokens). A batch stops as soon as all its rows have emitted ``eos_id``.
-    """
-    block = model.config.block_size
-    too_long = [len(p) for p in prompts if not 0 < len(p) <= block]
-    if too_long:
-        raise ValueError(f"prompts must have 1 to block_size = {block} tokens; got one of {too_long[0]}")
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, prompt in enumerate(prompts):
-        by_length[len(prompt)].append(i)
-    device = _device(model)
-    out: list[list[int]] = [[] for _ in prompts]
-    for length, members in sorted(by_length.items()):
-        budget = min(max_new_tokens, block - length + 1)
-        for start in range(0, len(members) if budget > 0 else 0, batch_size):
-            rows = members[start:start + batch_size]
-            cache = KVCache(block)
-            logits = model.forward_cached(torch.tensor([prompts[i] for i in rows], device=device), cache)
-            new, done = [], torch.zeros(len(rows), dtype=torch.bool, device=device)
-            for step in range(budget):
-                nxt = logits.argmax(-1)
-                new.append(nxt)
-                if eos_id is not None:
-                    done |= nxt == eos_id
-                if step == budget - 1 or bool(done.all()):
-                    break
-                logits = model.forward_cached(nxt[:, None], cache)
-            for i, row in zip(rows, torch.stack(new, 1).tolist()):
-                out[i] = row[: row.index(eos_id) + 1] if eos_id in row else row
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ ListOps

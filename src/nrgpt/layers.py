@@ -4,19 +4,22 @@
 - ``InferenceRate``: the matrix eta of the update x <- x - eta dE/dg (eq. 6) in its four forms.
 - ``causal_attention``: softmax attention with the strict (B < A) or inclusive (B <= A) causal mask,
   on ``scaled_dot_product_attention`` so the fused kernels are used where they exist.
-- ``KVCache``: per-step keys (and values) of past tokens, for incremental decoding.
 - ``SelfAttention``, ``MLP``, ``TransformerBlock``: the baselines' nanoGPT-style layers.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+
+if TYPE_CHECKING:
+    from .decoding import KVCache
 
 LN_EPS = 1e-5
 
@@ -55,7 +58,9 @@ class InferenceRate(nn.Module):
 
     kind: 'free' a trained D x D matrix (reference code; initialised N(0, 0.02) like its Linear);
     'descent' eta = c diag(gamma), c = exp(log_c) > 0 (Prop. 2.1); 'psd' eta = U^T U + V - V^T
-    (Prop. 2.2, eq. 19; initialised at U = sqrt(c) I, V = 0); 'identity' eta = I.
+    (Prop. 2.2, eq. 19; initialised at U = sqrt(c) I, V = 0); 'diag_lowrank' eta = diag(softplus(d)) + U U^T,
+    U of rank r = ``eta_rank`` (a lightweight preconditioner: positive definite at O(D r) cost, so Prop. 2.2's
+    argument applies; initialised at softplus(d) = c, U ~ N(0, 0.02)); 'identity' eta = I.
     With ``per_step`` there is one eta per step (eta^(t), leading dimension n_steps); steps beyond
     the trained number reuse the last one.
     """
@@ -73,6 +78,10 @@ class InferenceRate(nn.Module):
         elif self.kind == "psd":
             self.U = nn.Parameter(torch.eye(d).repeat(s, 1, 1) * math.sqrt(config.eta_init))
             self.V = nn.Parameter(torch.zeros(s, d, d))
+        elif self.kind == "diag_lowrank":
+            self.d = nn.Parameter(torch.full((s, d), math.log(math.expm1(config.eta_init))))  # softplus(d) = c
+            self.U = nn.Parameter(torch.randn(s, d, config.eta_rank) * 0.02)
+        self.apply_rate = getattr(self, "_" + self.kind)  # chosen once: eta^(t) grad for step t
 
     def matrix(self, step: int = 0) -> torch.Tensor:
         """eta^(step) as a D x D matrix (for analysis; ``forward`` never forms it for 'descent')."""
@@ -81,85 +90,24 @@ class InferenceRate(nn.Module):
         return self(eye, step).T
 
     def forward(self, grad: torch.Tensor, step: int = 0) -> torch.Tensor:
-        t = min(step, self.n - 1)
-        if self.kind == "free":
-            return grad @ self.weight[t].T
-        if self.kind == "descent":
-            return grad * (self.log_c[t].exp() * self.gamma_source[0].gamma)
-        if self.kind == "psd":
-            u, v = self.U[t], self.V[t]
-            return grad @ (u.T @ u + v - v.T).T
+        return self.apply_rate(grad, min(step, self.n - 1))
+
+    def _free(self, grad: torch.Tensor, t: int) -> torch.Tensor:
+        return grad @ self.weight[t].T
+
+    def _descent(self, grad: torch.Tensor, t: int) -> torch.Tensor:
+        return grad * (self.log_c[t].exp() * self.gamma_source[0].gamma)
+
+    def _psd(self, grad: torch.Tensor, t: int) -> torch.Tensor:
+        u, v = self.U[t], self.V[t]
+        return grad @ (u.T @ u + v - v.T).T
+
+    def _diag_lowrank(self, grad: torch.Tensor, t: int) -> torch.Tensor:
+        u = self.U[t]
+        return grad * F.softplus(self.d[t]) + (grad @ u) @ u.T
+
+    def _identity(self, grad: torch.Tensor, t: int) -> torch.Tensor:
         return grad
-
-
-class KVCache:
-    """Keys (and values) of past tokens, one slot per application of a block (step or layer).
-
-    Buffers are allocated once with room for ``capacity`` tokens; ``length`` is the number of
-    tokens already stored. A token's keys at a step never change once written, because a token
-    only ever sees earlier tokens (the model is causal).
-
-    ``static=True`` makes every one-token decoding step shape-static, so that it can be captured
-    once as a CUDA graph and replayed: the new token's keys are written at ``position`` (a device
-    tensor) and attention runs over all ``capacity`` slots with the visibility mask ``visible``,
-    instead of over the first ``length + 1`` slots.
-    """
-
-    def __init__(self, capacity: int, static: bool = False):
-        self.capacity = capacity
-        self.length = 0
-        self.static = static
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
-        self.position: torch.Tensor | None = None  # static decoding: the new token's index, (1,)
-        self._slots: torch.Tensor | None = None  # static decoding: 0..capacity-1
-        self._static_step = False
-
-    def begin(self, n_tokens: int, device: torch.device) -> None:
-        """Prepare to take ``n_tokens`` new tokens (called before the model body runs on them)."""
-        if self.length + n_tokens > self.capacity:
-            raise ValueError(f"KV cache is full ({self.capacity} tokens); crop the context")
-        self._static_step = self.static and n_tokens == 1 and self.length > 0
-        if self._static_step:
-            if self.position is None:
-                self.position = torch.zeros(1, dtype=torch.long, device=device)
-                self._slots = torch.arange(self.capacity, device=device)
-            self.position.fill_(self.length)
-
-    def _append(self, store: dict[int, torch.Tensor], slot: int, new: torch.Tensor) -> torch.Tensor:
-        b, h, t, d = new.shape
-        if slot not in store:  # static: zeros, since masked-out slots still enter p @ v as 0 * slot
-            store[slot] = (new.new_zeros if self.static else new.new_empty)(b, h, self.capacity, d)
-        if self._static_step:
-            return store[slot].index_copy_(2, self.position, new)
-        end = self.length + t
-        if end > self.capacity:
-            raise ValueError(f"KV cache is full ({self.capacity} tokens); crop the context")
-        store[slot][:, :, self.length : end] = new
-        return store[slot][:, :, :end]
-
-    def update(self, slot: int, k: torch.Tensor, v: torch.Tensor | None = None):
-        """Store the new tokens' k (and v) for ``slot``; return all keys (and values) so far."""
-        k_all = self._append(self.keys, slot, k)
-        if v is None:
-            return k_all, k_all
-        return k_all, self._append(self.values, slot, v)
-
-    @property
-    def static_step(self) -> bool:
-        """Whether the current step is a static decoding step (see the class docstring)."""
-        return self._static_step
-
-    def visible(self, strict: bool) -> torch.Tensor | None:
-        """In a static decoding step, which of the ``capacity`` slots the new token attends to
-        (B < A if ``strict``, else B <= A), shape (1, capacity); otherwise None."""
-        if not self._static_step:
-            return None
-        return (self._slots < self.position if strict else self._slots <= self.position)[None]
-
-    def advance(self, n_tokens: int) -> None:
-        self.length += n_tokens
-        self._static_step = False
 
 
 def causal_attention(

@@ -1,13 +1,16 @@
 """The models: NRGPT and its GPT baselines, sharing embedding, head, loss and decoding.
 
 A token's path (NRGPT): token + position embedding -> x^(0); n_steps applications of the one
-``EnergyBlock`` (x^(t+1) = x^(t) - eta^(t) dE/dg, eq. 6) -> final LayerNorm -> linear head -> logits.
-The baselines replace the block loop by n_steps distinct transformer blocks ('gpt'), or one
-sequential ('rgpt') or parallel ('rgpt_parallel', eq. 5) block applied n_steps times.
+``EnergyBlock`` (x^(t+1) = x^(t) - eta^(t) dE/dg, eq. 6; with ``n_blocks`` > 1, each of the blocks
+n_steps times in turn) -> final LayerNorm -> linear head -> logits. The baselines replace the block loop
+by n_steps distinct transformer blocks ('gpt'), or one sequential ('rgpt') or parallel ('rgpt_parallel',
+eq. 5) block applied n_steps times. Decoding (``forward_cached``, ``generate``, ``compile_decode``) is
+``nrgpt.decoding``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -16,9 +19,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .energy import EnergyBlock
-from .generate import generate
-from .layers import KVCache, TransformerBlock
+from .decoding import KVCache, compile_decode, decode, forward_cached, generate
+from .energy import DescentStep, EnergyBlock, descent
+from .layers import TransformerBlock
 
 
 class LanguageModel(nn.Module):
@@ -58,12 +61,6 @@ class LanguageModel(nn.Module):
     def body(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def _apply_step(self, block: nn.Module, x: torch.Tensor, t: int, cache: KVCache | None) -> torch.Tensor:
-        """block(x, t, cache), recomputed in the backward pass when ``checkpoint_steps`` is set."""
-        if self.config.checkpoint_steps and self.training and torch.is_grad_enabled():
-            return checkpoint(block, x, t, cache, use_reentrant=False)
-        return block(x, t, cache)
-
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -74,37 +71,10 @@ class LanguageModel(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
 
-    @torch.no_grad()
-    def forward_cached(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits of the last position for new tokens ``idx`` appended to the cached context."""
-        cache.begin(idx.shape[1], idx.device)
-        if cache.static_step and self.compiled_decode is not None:
-            logits = self.compiled_decode(idx.clone(memory_format=torch.contiguous_format), cache)  # fixed strides
-        else:
-            logits = self.decode(idx, cache)
-        cache.advance(idx.shape[1])
-        return logits
-
-    @torch.no_grad()
-    def decode(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """The work of ``forward_cached`` between ``cache.begin`` and ``cache.advance``: in a static
-        step (``KVCache(static=True)``) it only launches device work, so it can be captured as a CUDA
-        graph (``generate``)."""
-        start = cache.position if cache.static_step else cache.length
-        x = self.body(self.embed(idx, start), cache)
-        return self.lm_head(self.ln_f(x[:, -1]))
-
-    def compile_decode(self, **options) -> None:
-        """``torch.compile`` the one-token decoding step (static shapes, so one graph per batch size and
-        block) and make ``generate`` decode on a static cache with it. On a CPU this fuses the step's
-        few hundred small ops, whose dispatch dominates decoding; the compilation (tens of seconds)
-        pays for itself over long generations. On a GPU ``generate``'s CUDA graph does this job.
-
-        On a CPU, unless ``options`` choose a backend, mode or options, inductor writes the step's
-        wrapper in C++ (``cpp_wrapper``): no Python between its kernels, about 2x faster per token."""
-        if not options.keys() & {"backend", "mode", "options"} and self.lm_head.weight.device.type == "cpu":
-            options["options"] = {"cpp_wrapper": True}
-        self.compiled_decode = torch.compile(self.decode, dynamic=False, **options)
+    forward_cached = forward_cached  # model.forward_cached(idx, cache): last-position logits
+    decode = decode
+    compile_decode = compile_decode
+    generate = generate  # model.generate(idx, max_new_tokens, temperature, top_k, top_p, greedy, ...)
 
     def compile_steps(self, **options) -> None:
         """``torch.compile`` the unit applied at every step (``system.compile``), in place; see the
@@ -115,8 +85,6 @@ class LanguageModel(nn.Module):
 
     def step_blocks(self) -> list[nn.Module]:
         raise NotImplementedError
-
-    generate = generate  # model.generate(idx, max_new_tokens, temperature, top_k, top_p, greedy, ...)
 
     def num_params(self, include_embeddings: bool = True) -> int:
         """Trained parameters: the count the paper reports (embeddings and head included)."""
@@ -144,37 +112,78 @@ class Trajectory:
 
 
 class NRGPT(LanguageModel):
-    """eNeRgy-GPT: one ``EnergyBlock`` applied n_steps times (section 2)."""
+    """eNeRgy-GPT: one ``EnergyBlock`` applied n_steps times (section 2); ``n_blocks`` distinct blocks,
+    each applied n_steps times in turn, with ``n_blocks`` > 1 (recursive blocks)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
-        self.block = EnergyBlock(config)
+        self.blocks = nn.ModuleList(EnergyBlock(config) for _ in range(config.n_blocks))
         self._init_weights()
+        self.register_load_state_dict_pre_hook(lambda module, sd, prefix, *args: rename_legacy_weights(sd, prefix))
+
+    @property
+    def block(self) -> EnergyBlock:
+        """The first energy block: for NRGPT (``n_blocks`` = 1) the only one."""
+        return self.blocks[0]
 
     def step_blocks(self) -> list[nn.Module]:
-        return [self.block]
+        return list(self.blocks)
 
-    def body(self, x: torch.Tensor, cache: KVCache | None = None, n_steps: int | None = None) -> torch.Tensor:
-        for t in range(self.config.n_steps if n_steps is None else n_steps):
-            x = self._apply_step(self.block, x, t, cache)
+    def descent(self, x: torch.Tensor, cache: KVCache | None = None, n_steps: int | None = None,
+                tol: float | None = None) -> Iterator[DescentStep]:
+        """``nrgpt.energy.descent`` over this model's blocks: ``n_steps`` per block (default: the trained
+        number; may be more), early exit at gradient norm ``tol``, activation checkpointing in training
+        when ``checkpoint_steps`` is set."""
+        return descent(self.blocks, x, self.config.n_steps if n_steps is None else n_steps, cache=cache, tol=tol,
+                       checkpoint_steps=self.config.checkpoint_steps and self.training and torch.is_grad_enabled())
+
+    def body(self, x: torch.Tensor, cache: KVCache | None = None, n_steps: int | None = None,
+             tol: float | None = None) -> torch.Tensor:
+        for step in self.descent(x, cache, n_steps, tol):
+            x = step.x_next
         return x
 
-    @torch.no_grad()
-    def energy_trajectory(self, idx: torch.Tensor, n_steps: int | None = None) -> Trajectory:
-        """Run ``n_steps`` (default: the trained number; may be larger) steps and record everything."""
-        steps = self.config.n_steps if n_steps is None else n_steps
+    def run(self, idx: torch.Tensor, n_steps: int | None = None,
+            tol: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, V) and every token's number of steps taken (B, T) under early exit at ``tol``."""
         x = self.embed(idx)
+        taken = torch.zeros(idx.shape, dtype=torch.long, device=idx.device)
+        for step in self.descent(x, None, n_steps, tol):
+            x = step.x_next
+            taken += 1 if step.active is None else step.active
+        return self.lm_head(self.ln_f(x)), taken
+
+    @torch.no_grad()
+    def energy_trajectory(self, idx: torch.Tensor, n_steps: int | None = None,
+                          on_step: Callable[[DescentStep], None] | None = None) -> Trajectory:
+        """Run ``n_steps`` (default: the trained number; may be larger) steps per block and record
+        everything; ``on_step`` is called with every ``DescentStep``. Each gradient is computed once (the
+        step's own); the last state's energy and gradient are those of the last block."""
+        x0 = x = self.embed(idx)
         states, parts, norms = [x], [], []
-        for t in range(steps + 1):
-            g = self.block.norm(x)
-            parts.append(self.block.energy(g))
-            norms.append(self.block.energy_grad(g).norm(dim=-1))
-            if t < steps:
-                x = self.block(x, t)
-                states.append(x)
+        for step in self.descent(x, None, n_steps):
+            parts.append(step.energy())
+            norms.append(step.grad.norm(dim=-1))
+            if on_step is not None:
+                on_step(step)
+            x = step.x_next
+            states.append(x)
+        block = self.blocks[-1] if len(states) > 1 else self.blocks[0]
+        g = block.norm(x)
+        cond = block.norm(x0) if block.input_conditioned else None
+        parts.append(block.energy(g, cond=cond))
+        norms.append(block.energy_grad(g, cond=cond).norm(dim=-1))
         energy, attn, ff = (torch.stack(p) for p in zip(*parts))
         logits = self.lm_head(self.ln_f(x))
         return Trajectory(torch.stack(states), energy, attn, ff, torch.stack(norms), logits)
+
+
+def rename_legacy_weights(state_dict: dict, prefix: str = "") -> None:
+    """Rename, in place, the weights of NRGPT checkpoints of earlier versions, which kept the one block at
+    ``block.``, to ``blocks.0.`` (recursive blocks). A no-op for other state dicts."""
+    old = prefix + "block."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "blocks.0." + key[len(old):]] = state_dict.pop(key)
 
 
 class GPT(LanguageModel):
@@ -192,8 +201,10 @@ class GPT(LanguageModel):
         return list(self.blocks)
 
     def body(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        ckpt = self.config.checkpoint_steps and self.training and torch.is_grad_enabled()
         for t in range(self.config.n_steps):
-            x = self._apply_step(self.blocks[t % len(self.blocks)], x, t, cache)
+            block = self.blocks[t % len(self.blocks)]
+            x = checkpoint(block, x, t, cache, use_reentrant=False) if ckpt else block(x, t, cache)
         return x
 
 

@@ -65,16 +65,16 @@ def _convert_state(cls: str, sd: dict[str, torch.Tensor], cfg: ModelConfig) -> d
     if cls.startswith("NRGPT"):
         for h in range(n):
             sd.pop(f"blocks.attn.heads.{h}.tril", None)
-        out["block.attn.key"] = _stack(sd, "blocks.attn.heads.{}.H.weight", n)
-        out["block.ff_scale"] = sd.pop("blocks.scale_ff")
-        out["block.norm.weight"] = sd.pop("blocks.ln.weight")
-        out["block.norm.bias"] = sd.pop("blocks.ln.bias")
-        out["block.eta.weight"] = sd.pop("blocks.proj.weight").unsqueeze(0)
+        out["blocks.0.attn.key"] = _stack(sd, "blocks.attn.heads.{}.H.weight", n)
+        out["blocks.0.ff_scale"] = sd.pop("blocks.scale_ff")
+        out["blocks.0.norm.weight"] = sd.pop("blocks.ln.weight")
+        out["blocks.0.norm.bias"] = sd.pop("blocks.ln.bias")
+        out["blocks.0.eta.weight"] = sd.pop("blocks.proj.weight").unsqueeze(0)
         for name in ("0", "2"):
             for p in ("weight", "bias"):
                 key = f"blocks.ffwd.net.{name}.{p}"
                 if key in sd:
-                    out[f"block.ff.fc{1 if name == '0' else 2}.{p}"] = sd.pop(key)
+                    out[f"blocks.0.ff.fc{1 if name == '0' else 2}.{p}"] = sd.pop(key)
     else:
         prefixes = [f"blocks.{i}." for i in range(cfg.n_steps)] if cls == "GPT" else ["blocks."]
         for i, pre in enumerate(prefixes):

@@ -27,7 +27,6 @@ import argparse
 import ast
 import dataclasses
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -44,9 +43,6 @@ PREFIX = "model."  # NRGPTForCausalLM.model
 HF_MODULES = {"configuration": "configuration_nrgpt", "modeling": "modeling_nrgpt"}
 AUTO_MAP = {"AutoConfig": "configuration_nrgpt.NRGPTConfig", "AutoModelForCausalLM": "modeling_nrgpt.NRGPTForCausalLM"}
 HF_EXTRA = "pip install 'nrgpt[hf]' (transformers and lm-eval)"
-_RELATIVE = re.compile(r"^(\s*from\s+)(\.+)(\w+)(\s+import\b)", re.MULTILINE)
-
-
 def require_hf(what: str) -> None:
     """ConfigError naming the extra to install unless ``transformers`` is importable."""
     import importlib.util
@@ -62,53 +58,61 @@ def _package() -> Path:
     return Path(__file__).resolve().parents[1]
 
 
-def _relative_imports(path: Path) -> list[str]:
-    """The sibling modules a package module imports (``from .x import ...``, at any depth of the code)."""
-    names = []
+def _file(module: str) -> Path:
+    """The source of an nrgpt module given by its dotted name inside the package ('model', 'energies.base')."""
+    path = _package().joinpath(*module.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+def _imports(module: str) -> list[tuple[ast.ImportFrom, list[str]]]:
+    """Each relative import of ``module`` with the dotted names of the nrgpt modules it imports."""
+    path = _file(module)
+    base = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.level:
-            if node.module is None or "." in node.module:
-                raise ConfigError(f"cannot bundle {path.name}: it imports from a subpackage or 'from . import'")
-            names.append(node.module)
-        elif isinstance(node, (ast.Import, ast.ImportFrom)):
-            roots = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and not getattr(node, "level", 0):
+            roots = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
             if any(r == "nrgpt" or r.startswith("nrgpt.") for r in roots):
                 raise ConfigError(f"cannot bundle {path.name}: it imports nrgpt by name")
-    return names
+        elif isinstance(node, ast.ImportFrom):
+            if node.module is None:  # transformers copies only the files of ``from .x import y``
+                raise ConfigError(f"cannot bundle {path.name}: 'from . import' (write 'from .x import y')")
+            found.append((node, [".".join([*base[:len(base) - node.level + 1], node.module])]))
+    return found
 
 
 def _core_modules() -> list[str]:
     """The nrgpt modules ``nrgpt.hf.modeling`` and ``configuration`` need, following relative imports."""
-    package, hf = _package(), Path(__file__).parent
-    todo = [m for name in HF_MODULES for m in _relative_imports(hf / f"{name}.py") if m not in HF_MODULES]
+    todo = [m for name in HF_MODULES for _, targets in _imports(f"hf.{name}") for m in targets]
     found: list[str] = []
     while todo:
         name = todo.pop()
-        if name not in found:
+        if name not in found and name not in (f"hf.{m}" for m in HF_MODULES):
             found.append(name)
-            todo.extend(_relative_imports(package / f"{name}.py"))
+            todo.extend(m for _, targets in _imports(name) for m in targets)
     return sorted(found)
 
 
-def _rename(source: str, names: dict[str, str]) -> str:
-    """``source`` with every relative import of a module in ``names`` made a sibling import of its new name."""
-    def sub(m: re.Match) -> str:
-        if m.group(3) not in names:
-            raise ConfigError(f"cannot bundle: import of .{m.group(3)} has no bundled module")
-        return f"{m.group(1)}.{names[m.group(3)]}{m.group(4)}"
-
-    return _RELATIVE.sub(sub, source)
+def _rewritten(module: str, names: dict[str, str]) -> str:
+    """The source of ``module`` with every relative import turned into a sibling import of the flat file names
+    ``names`` (dotted module -> file stem): the bundled files all sit in one directory."""
+    lines = _file(module).read_text(encoding="utf-8").splitlines(keepends=True)
+    for node, targets in sorted(_imports(module), key=lambda item: -item[0].lineno):
+        indent = lines[node.lineno - 1][: node.col_offset]
+        aliases = ", ".join(a.name + (f" as {a.asname}" if a.asname else "") for a in node.names)
+        lines[node.lineno - 1: node.end_lineno] = [f"{indent}from .{names[targets[0]]} import {aliases}\n"]
+    return "".join(lines)
 
 
 def write_code(out_dir: Path) -> list[str]:
     """Write the modeling code into ``out_dir`` (see the module docstring); returns the file names."""
     core = _core_modules()
-    names = {**{m: f"nrgpt_{m}" for m in core}, **HF_MODULES}
-    sources = {f"{names[m]}.py": _package() / f"{m}.py" for m in core}
-    sources.update({f"{new}.py": Path(__file__).parent / f"{old}.py" for old, new in HF_MODULES.items()})
-    for name, path in sources.items():
-        (out_dir / name).write_text(_rename(path.read_text(encoding="utf-8"), names), encoding="utf-8")
-    return sorted(sources)
+    names = {**{m: "nrgpt_" + m.replace(".", "_") for m in core}, **{f"hf.{k}": v for k, v in HF_MODULES.items()}}
+    written = []
+    for module, stem in names.items():
+        (out_dir / f"{stem}.py").write_text(_rewritten(module, names), encoding="utf-8")
+        written.append(f"{stem}.py")
+    return sorted(written)
 
 
 # ---------------------------------------------------------------------------------------- the export

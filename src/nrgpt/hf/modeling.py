@@ -9,7 +9,7 @@ The cache travels through ``generate`` as ``NRGPTCache`` (the ``cache`` / ``past
 outputs). It keeps, for each group of batch rows with the same number of real tokens, the rows' tokens
 and one ``KVCache``. Padding (``attention_mask`` zeros, left or right) is removed before the model sees
 a row: each row runs on its own real tokens at positions 0, 1, ..., as it would alone. When a row's
-context fills the block, the window slides as in ``nrgpt.generate``: the cache is rebuilt from the last
+context fills the block, the window slides as in ``nrgpt.decoding.generate``: the cache is rebuilt from the last
 ``block_size`` tokens.
 
 ``nrgpt export`` writes this file into the exported directory as ``modeling_nrgpt.py``, next to the
@@ -26,7 +26,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import ModelConfig
-from ..layers import KVCache
+from ..decoding import KVCache
 from ..model import build_model
 from .configuration import NRGPTConfig
 
