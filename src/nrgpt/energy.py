@@ -35,14 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .config import ModelConfig
 from .layers import InferenceRate, KVCache, Norm, causal_attention
-
-
-def gelu_grad(v: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """v * sigma'(h) for the exact GELU, sigma'(h) = Phi(h) + h phi(h), as one fused kernel (the
-    GELU backward); autograd differentiates it in closed form too (gelu_double_backward)."""
-    return torch.ops.aten.gelu_backward(v, h)
 
 
 class AttentionEnergy(nn.Module):
@@ -179,17 +174,15 @@ class FFEnergy(nn.Module):
         return -0.5 * F.relu(h).pow(2).sum(-1)
 
     def grad(self, g: torch.Tensor) -> torch.Tensor:
-        """dE_A^FF/dg_A in closed form, (B, T, D)."""
-        w1 = self.fc1.weight
-        h = self.fc1(g)
+        """dE_A^FF/dg_A in closed form, (B, T, D), with the hand-written backward of ``nrgpt.kernels``."""
+        w1, b1 = self.fc1.weight, self.fc1.bias
         if self.kind == "dam":
-            return -(F.relu(h) @ w1)
+            return kernels.dam_grad(g, w1, b1)
         if self.kind == "ff1":
-            return -2.0 * (gelu_grad(F.gelu(h), h) @ w1)
+            return kernels.ff1_grad(g, w1, b1)
         if self.kind == "ff2w":
-            return -(self.fc2(F.gelu(h)) + gelu_grad(g @ self.fc2.weight, h) @ w1)
-        u = self.fc2(F.gelu(h))
-        return -2.0 * (gelu_grad(gelu_grad(F.gelu(u), u) @ self.fc2.weight, h) @ w1)
+            return kernels.ff2w_grad(g, w1, b1, self.fc2.weight, self.fc2.bias)
+        return kernels.ff2_grad(g, w1, b1, self.fc2.weight, self.fc2.bias)
 
 
 class EnergyBlock(nn.Module):
