@@ -33,8 +33,9 @@ FUNCTIONS = {
 
 @pytest.fixture(params=[True, False], ids=["compiled", "eager"])
 def fused(request, monkeypatch):
-    """Run with the fused elementwise passes compiled (the default) and eager."""
+    """Run with the fused elementwise passes compiled (the default for large inputs) and eager."""
     monkeypatch.setattr(kernels.Fused, "enabled", request.param)
+    monkeypatch.setattr(kernels.Fused, "min_elements", 0)
     return request.param
 
 
@@ -100,9 +101,11 @@ def test_gradcheck_of_a_whole_step(options):
 
 
 @pytest.mark.parametrize("preset", ["NRGPT_H_FF2W", "NRGPT_H_FF1", "NRGPT_H_FF2", "NRGPT_P_DAM"])
-def test_fifty_training_steps_match_the_autograd_path(preset):
-    """50 AdamW steps in float64: the loss curve with the hand-written backward equals the one with
-    autograd of the energy (``energy_grad_autograd``, double backward) to 1e-6."""
+def test_fifty_training_steps_match_the_autograd_path(preset, monkeypatch):
+    """50 AdamW steps in float64: the loss curve with the hand-written backward (fused passes compiled,
+    as for full-size inputs) equals the one with autograd of the energy (``energy_grad_autograd``,
+    double backward) to 1e-6."""
+    monkeypatch.setattr(kernels.Fused, "min_elements", 0)
     cfg = ModelConfig.preset(preset, vocab_size=11, block_size=8, n_embd=8, n_head=2, n_steps=3, mask="strict")
     torch.manual_seed(0)
     models = [build_model(cfg).double() for _ in range(2)]
@@ -126,6 +129,8 @@ def test_fifty_training_steps_match_the_autograd_path(preset):
 
 
 def test_failed_compilation_falls_back_to_eager_with_one_warning(monkeypatch):
+    monkeypatch.setattr(kernels.Fused, "min_elements", 0)
+
     def broken_compile(fn, **kw):
         def run(*args):
             raise RuntimeError("no C++ compiler")
@@ -143,9 +148,10 @@ def test_failed_compilation_falls_back_to_eager_with_one_warning(monkeypatch):
     torch.testing.assert_close(second, first, rtol=0, atol=0)
 
 
-def test_compiled_elementwise_pass_does_not_recompile_per_call_or_shape():
+def test_compiled_elementwise_pass_does_not_recompile_per_call_or_shape(monkeypatch):
     from torch._dynamo.utils import counters
 
+    monkeypatch.setattr(kernels.Fused, "min_elements", 0)
     fused = kernels.Fused(kernels._ff2w_backward)
     b = torch.randn(8)
     compiles = []

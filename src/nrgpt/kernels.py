@@ -53,12 +53,14 @@ def gelu_terms(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 # ------------------------------------------------------------------------------ fused elementwise
 class Fused:
-    """An elementwise function run as one compiled kernel (``torch.compile``, dynamic shapes: one
-    compilation per dtype and device, not per shape), or eagerly where that is not possible: inside
-    an outer compilation (which fuses it anyway), when ``enabled`` is False, or after compilation
-    failed once (no C++ compiler, no Triton), which warns once."""
+    """An elementwise function run as one compiled kernel (``torch.compile``: a graph for the first
+    shape, then one with dynamic shapes for all others, per dtype and device), or eagerly: for inputs
+    of fewer than ``min_elements`` elements (one-token decoding: dispatch-bound either way, and no
+    compilation for every small shape), inside an outer compilation (which fuses it anyway), when
+    ``enabled`` is False, or after compilation failed once (no C++ compiler, no Triton), which warns."""
 
     enabled = True
+    min_elements = 1 << 16
 
     def __init__(self, fn: Callable[..., object]):
         self.fn = fn
@@ -66,7 +68,8 @@ class Fused:
         self.failed = False
 
     def __call__(self, *args: torch.Tensor):
-        if not Fused.enabled or self.failed or torch.compiler.is_compiling():
+        eager = not Fused.enabled or self.failed or args[0].numel() < Fused.min_elements
+        if eager or torch.compiler.is_compiling():
             return self.fn(*args)
         if self.compiled is None:
             self.compiled = torch.compile(self.fn, fullgraph=True)
