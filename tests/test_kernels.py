@@ -162,3 +162,19 @@ def test_compiled_elementwise_pass_does_not_recompile_per_call_or_shape(monkeypa
         compiles.append(counters["stats"]["unique_graphs"] - before)
     assert sum(compiles) <= 2, compiles  # one static graph for the first shape, one dynamic for the rest
     assert compiles[2:] == [0, 0, 0, 0], compiles
+
+
+@pytest.mark.parametrize("kind", FUNCTIONS)
+def test_under_autocast_the_gradients_are_float32_and_close(kind):
+    """bf16 autocast (the GPU training path; here its CPU twin): the backward runs outside autocast, so
+    the Function keeps one dtype for both directions; the gradients come back float32, close to float32's."""
+    fn, shapes = FUNCTIONS[kind]
+    g, *params = (p.detach().float().requires_grad_() for p in _params((4, 16, D), *shapes, seed=2))
+    exact = torch.autograd.grad(fn(g, *params).square().sum(), [g, *params])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fn(g, *params)
+    assert out.dtype == torch.bfloat16
+    low = torch.autograd.grad(out.float().square().sum(), [g, *params])
+    for a, b in zip(low, exact):
+        assert a.dtype == torch.float32
+        assert (a - b).norm() <= 0.05 * b.norm()

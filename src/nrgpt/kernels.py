@@ -6,26 +6,28 @@ runs gelu's double backward (about nine passes over every N x mD tensor) and kee
 tensors per step. Here the vector-Jacobian product is derived once, by hand.
 
 ff1, ff2w and dam share one form. With g the (N, D) normalised states, a stacked weight A (K, D),
-a bias a (K) and an elementwise map P (acting row by row on Z, N x K):
+a bias b of Z's first columns and a map P acting on each row of Z (N x K) elementwise:
 
-    Z = g A^T + a,    dE/dg = P(Z) A + c                                                (1)
+    Z = g A^T,    dE/dg = P(Z + [b, 0]) A + c                                           (1)
 
-    ff1   A = W1,            a = b1,      P(h) = -2 sigma(h) sigma'(h),              c = 0
-    dam   A = W1,            a = b1,      P(h) = -ReLU(h),                           c = 0
-    ff2w  A = [W1; W2^T],    a = [b1; 0], P([h | u]) = -[sigma'(h) * u | sigma(h)],  c = -b2
+    ff1   A = W1,            P(h) = -2 sigma(h) sigma'(h),                  c = 0
+    dam   A = W1,            P(h) = -ReLU(h),                               c = 0
+    ff2w  A = [W1; W2^T],    P([h | u]) = -[sigma'(h) * u | sigma(h)],      c = -b2
 
 (ff2w: h = W1 g + b1 and u = W2^T g come out of one product with the stacked 8D x D matrix, and
 -(W2 sigma(h) + b2) - W1^T (sigma'(h) * u) is one product with K = 8D.) For an upstream gradient
 G = dL/d(dE/dg), (N, D), the backward of (1) is
 
-    R = G A^T,    dZ = J_P(Z)^T R  (elementwise),                                         (2)
-    dg = dZ A,    dA = [dZ; P(Z)]^T [g; G],    da = sum_rows dZ,    dc = sum_rows G,
+    R = G A^T,    dZ = J_P^T R  (elementwise),                                                (2)
+    dg = dZ A,    dA = dZ^T g + P^T G,    db = sum_rows dZ[:, :len(b)],    dc = sum_rows G,
 
-three products: one for R, one for dg and one, with K = 2N, for the stacked weight gradient. The
-elementwise work of each direction (sigma, sigma' and sigma'' of the exact GELU, sigma(h) =
-h Phi(h): sigma' = Phi + h phi, sigma'' = (2 - h^2) phi) is one fused pass: ``torch.compile`` of
-just that function (inductor writes one vectorised loop), eager where compilation is unavailable.
-Only g, Z and A are saved; P(Z) is recomputed in the backward's fused pass.
+four products of the forward's size (R, dg, and dA accumulated in place), the 2x-forward FLOPs of
+any backward. The elementwise work of each direction, with the bias added there (sigma, sigma' and
+sigma'' of the exact GELU, sigma(h) = h Phi(h): sigma' = Phi + h phi, sigma'' = (2 - h^2) phi), is
+one fused pass: ``torch.compile`` of just that function (inductor writes one vectorised C++ loop on
+a CPU, Triton on a GPU), eager where compilation is unavailable. Only g, Z, A and b are saved
+(autograd of the closed form keeps four N x mD tensors for ff2w); P(Z) is recomputed in the
+backward's fused pass, which writes dZ and P and nothing else.
 
 ff2 (E = -||sigma(W2 sigma(h) + b2)||^2, W1 D x D) is ff1's gradient applied to sigma(h) and
 carried back through W1: dE/dg = (sigma'(h) * w) W1, w = ff1 gradient of sigma(h) with (W2, b2),
@@ -128,7 +130,7 @@ ELEMENTWISE = {  # kind -> (P(z + b), the elementwise backward of (2): (dZ, P))
 # ------------------------------------------------------------------------------ the form (1)
 def _stacked_forward(kind: str, g: torch.Tensor, a_mat: torch.Tensor, b: torch.Tensor,
                      c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dE/dg, g A^T) of (1) for 2-D g; the bias b (of Z's first columns) is added in the fused pass."""
+    """(dE/dg, Z) of (1) for 2-D g; the bias b is added inside the fused pass."""
     z = torch.mm(g, a_mat.T)
     p = ELEMENTWISE[kind][0](z, b)
     out = torch.mm(p, a_mat) if c is None else torch.addmm(c, p, a_mat)
@@ -137,19 +139,31 @@ def _stacked_forward(kind: str, g: torch.Tensor, a_mat: torch.Tensor, b: torch.T
 
 def _stacked_backward(kind: str, grad: torch.Tensor, g: torch.Tensor, z: torch.Tensor, a_mat: torch.Tensor,
                       b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dg, dA, db) of (2); dA = dZ^T g + P^T G accumulates in place (no 2N-row copies)."""
+    """(dg, dA, db) of (2). dA = dZ^T g + P^T G accumulates in place rather than as one product over
+    [dZ; P] and [g; G]: on a CPU, fresh 2N-row buffers cost more in page faults than they save."""
     dz, p = ELEMENTWISE[kind][1](z, b, torch.mm(grad, a_mat.T))
     dg = torch.mm(dz, a_mat)
     d_a_mat = torch.mm(dz.T, g).addmm_(p.T, grad)
     return dg, d_a_mat, dz[:, : b.shape[0]].sum(0)
 
 
+def _autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The Functions' inputs in the autocast dtype where autocast is on (its products would run in it),
+    so that forward and backward (which runs outside autocast) see one dtype."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
 class StackedGrad(torch.autograd.Function):
-    """dE/dg = P(g A^T + a) A + c, eq. (1), with the backward (2); a = [b; 0]."""
+    """dE/dg = P(g A^T + [b, 0]) A + c, eq. (1), with the backward (2)."""
 
     @staticmethod
     def forward(ctx, kind: str, g: torch.Tensor, a_mat: torch.Tensor, b: torch.Tensor,
                 c: torch.Tensor | None) -> torch.Tensor:
+        g, a_mat, b, c = _autocast(g, a_mat, b, c)
         out, z = _stacked_forward(kind, g, a_mat, b, c)
         ctx.kind, ctx.has_c = kind, c is not None
         ctx.save_for_backward(g, z, a_mat, b)
@@ -212,6 +226,7 @@ class FF2Grad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g, w1, b1, w2, b2):
+        g, w1, b1, w2, b2 = _autocast(g, w1, b1, w2, b2)
         h = torch.addmm(b1, g, w1.T)
         w, u = _stacked_forward("ff1", GELU(h), w2, b2, None)
         out = torch.mm(GELU_GRAD(h, w), w1)
