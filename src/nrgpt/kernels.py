@@ -70,8 +70,7 @@ class Fused:
         self.failed = False
 
     def __call__(self, *args: torch.Tensor):
-        eager = not Fused.enabled or self.failed or args[0].numel() < Fused.min_elements
-        if eager or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not Fused.enabled or self.failed or args[0].numel() < Fused.min_elements:
             return self.fn(*args)
         if self.compiled is None:
             self.compiled = torch.compile(self.fn, fullgraph=True)
