@@ -21,7 +21,7 @@ G = dL/d(dE/dg), (N, D), the backward of (1) is
     R = G A^T,    dZ = J_P^T R  (elementwise),                                                (2)
     dg = dZ A,    dA = dZ^T g + P^T G,    db = sum_rows dZ[:, :len(b)],    dc = sum_rows G,
 
-four products of the forward's size (R, dg, and dA accumulated in place), the 2x-forward FLOPs of
+four products of the forward's size (R, dg, and dA as mm + addmm), the 2x-forward FLOPs of
 any backward. The elementwise work of each direction, with the bias added there (sigma, sigma' and
 sigma'' of the exact GELU, sigma(h) = h Phi(h): sigma' = Phi + h phi, sigma'' = (2 - h^2) phi), is
 one fused pass: ``torch.compile`` of just that function (inductor writes one vectorised C++ loop on
@@ -138,11 +138,12 @@ def _stacked_forward(kind: str, g: torch.Tensor, a_mat: torch.Tensor, b: torch.T
 
 def _stacked_backward(kind: str, grad: torch.Tensor, g: torch.Tensor, z: torch.Tensor, a_mat: torch.Tensor,
                       b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dg, dA, db) of (2). dA = dZ^T g + P^T G accumulates in place rather than as one product over
-    [dZ; P] and [g; G]: on a CPU, fresh 2N-row buffers cost more in page faults than they save."""
+    """(dg, dA, db) of (2). dA = dZ^T g + P^T G is accumulated by addmm rather than computed as one
+    product over [dZ; P] and [g; G]: on a CPU, fresh 2N-row buffers cost more in page faults than
+    they save."""
     dz, p = ELEMENTWISE[kind][1](z, b, torch.mm(grad, a_mat.T))
     dg = torch.mm(dz, a_mat)
-    d_a_mat = torch.mm(dz.T, g).addmm_(p.T, grad)
+    d_a_mat = torch.addmm(torch.mm(dz.T, g), p.T, grad)
     return dg, d_a_mat, dz[:, : b.shape[0]].sum(0)
 
 
@@ -240,7 +241,7 @@ class FF2Grad(torch.autograd.Function):
         ds, dw2, db2 = _stacked_backward("ff1", dw, s, u, w2, b2)
         dh = ADD_GELU_GRAD(direct, h, ds)
         dg = torch.mm(dh, w1)
-        dw1 = torch.mm(dh.T, g).addmm_(y.T, grad)
+        dw1 = torch.addmm(torch.mm(dh.T, g), y.T, grad)
         return dg, dw1, dh.sum(0), dw2, db2
 
 
