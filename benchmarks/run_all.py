@@ -110,6 +110,7 @@ def main() -> None:
     lines += [f"- NO RESULT {entry} (skipped or failed: see its output above)" for entry in missing]
     lines += [f"- (not here) {t}" for t in ELSEWHERE]
     parts += ["### targets", "", *lines, ""]
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.md").write_text("\n".join(parts))
     print("\n===== targets =====\n" + "\n".join(lines))
     print(f"\ntotal {total / 60:.1f} min; wrote {args.out / 'summary.md'}")
