@@ -17,10 +17,12 @@ ATTENTION = ("flash_attention",)
 
 
 def group(name: str) -> str:
-    if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
+    if name in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"):
         return "matmul"
     if any(a in name for a in ATTENTION):
         return "attention (flash, fwd+bwd)"
+    if name.startswith("## Call CompiledFxGraph"):
+        return "fused elementwise passes (nrgpt.kernels, compiled)"
     return "other"
 
 

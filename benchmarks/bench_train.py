@@ -24,10 +24,12 @@ from common import (
     setup,
     stats,
     table,
+    target,
     train_step,
 )
 
 BASELINE = "GPT_Rec_parallel"
+MEMORY_TARGET = 1.5  # NRGPT's peak step memory at most this multiple of the baseline's (issue 15)
 
 
 def main() -> None:
@@ -46,7 +48,7 @@ def main() -> None:
     reps = args.reps or (2 if args.quick else 3)
     t = args.block
 
-    results, rows = [], []
+    results, rows, targets = [], [], []
     for d in sizes:
         shape = {**PAPER_SHAPE, "n_embd": d, "block_size": t}
         x, y = batch(shape["vocab_size"], bsz, t)
@@ -70,6 +72,9 @@ def main() -> None:
         base_mem = mem.get(BASELINE)
         for r in results[-len(args.presets):]:
             m = r["peak_step_bytes"]
+            if m is not None and base_mem and r["preset"].startswith("NRGPT"):
+                targets.append(target(f"n_embd {d}: {r['preset']} peak step memory / {BASELINE}'s", m / base_mem,
+                                      "<=", MEMORY_TARGET))
             rows.append([
                 r["n_embd"], r["preset"], r["params"] / 1e6, r["step_s"]["median"], r["tokens_per_s"],
                 r["time_ratio_vs_" + BASELINE],
@@ -83,7 +88,8 @@ def main() -> None:
              f"median of {reps} interleaved reps")
     tab = table(["n_embd", "model", "params (M)", "step (s)", "tokens/s", f"time / {BASELINE}",
                  "peak step mem (MiB)", f"mem / {BASELINE}"], rows, title)
-    finish("train_step", args, {"rows": results, "reps": reps, "device": args.device, "dtype": args.dtype}, [tab])
+    finish("train_step", args, {"rows": results, "reps": reps, "device": args.device, "dtype": args.dtype}, [tab],
+           targets)
 
 
 if __name__ == "__main__":

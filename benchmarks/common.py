@@ -28,6 +28,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from nrgpt import ModelConfig, build_model  # noqa: E402
 
@@ -47,6 +48,9 @@ def parser(description: str, gpu: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per variant (default per script)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="directory for the JSON results")
+    p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                   help="cpu: time by the process's CPU time, robust to other processes sharing the machine "
+                        "(use with --threads 1: with more threads it also counts threads waiting for work)")
     if gpu:
         p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                        help="where models and data live (default cpu; cuda: timings synchronise the device)")
@@ -54,10 +58,12 @@ def parser(description: str, gpu: bool = False) -> argparse.ArgumentParser:
 
 
 DEVICE = torch.device("cpu")  # set by setup(--device); build() and batch() put models and data there
+CLOCK = time.perf_counter  # set by setup(--clock)
 
 
 def setup(args: argparse.Namespace) -> None:
-    global DEVICE
+    global DEVICE, CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     device = getattr(args, "device", "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available on this machine; use --device cpu")
@@ -109,12 +115,13 @@ def sync() -> None:
 
 
 def timed(fn: Callable[[], Any]) -> float:
-    """Wall seconds of ``fn()``; on a GPU the device is synchronised before and after."""
+    """Seconds of ``fn()`` by ``CLOCK`` (wall unless --clock cpu); on a GPU the device is synchronised
+    before and after."""
     sync()
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     fn()
     sync()
-    return time.perf_counter() - t0
+    return CLOCK() - t0
 
 
 def interleave(variants: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
@@ -164,6 +171,27 @@ def use_autograd_energy_grad(model: torch.nn.Module) -> torch.nn.Module:
     """Replace the closed-form hot path by autograd of the energy (per instance)."""
     block = model.block
     block.energy_grad = lambda g, cache=None, step=0, cond=None: block.energy_grad_autograd(g, cond)
+    return model
+
+
+def use_autograd_closed_form(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace the hand-written backward of the FF gradient (``nrgpt.kernels``) by the same closed form
+    written in ATen ops and differentiated by autograd (per instance): nrgpt before issue 15."""
+    ff = model.block.ff
+    gelu_grad = torch.ops.aten.gelu_backward  # v * gelu'(h); autograd differentiates it by gelu's double backward
+
+    def grad(g: torch.Tensor) -> torch.Tensor:
+        w1, h = ff.fc1.weight, ff.fc1(g)
+        if ff.name == "dam":
+            return -(F.relu(h) @ w1)
+        if ff.name == "ff1":
+            return -2.0 * (gelu_grad(F.gelu(h), h) @ w1)
+        if ff.name == "ff2w":
+            return -(ff.fc2(F.gelu(h)) + gelu_grad(g @ ff.fc2.weight, h) @ w1)
+        u = ff.fc2(F.gelu(h))
+        return -2.0 * (gelu_grad(gelu_grad(F.gelu(u), u) @ ff.fc2.weight, h) @ w1)
+
+    ff.grad = grad
     return model
 
 
@@ -287,6 +315,7 @@ def finish(name: str, args: argparse.Namespace, results: dict[str, Any], tables:
         "benchmark": name,
         "command": command_line(),
         "quick": bool(getattr(args, "quick", False)),
+        "clock": getattr(args, "clock", "wall"),
         "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": machine_info(),
         "results": results,

@@ -10,7 +10,8 @@
           the token's normalised input embedding ('glu', one energy for the whole trajectory) or its
           normalised state at the start of the step ('glu_step', CEM's conditional form).
 
-Each ``grad`` is one expression of the tensors, the place a hand-written backward Function plugs in.
+Each ``grad`` is the closed form above, computed by the hand-written forward and backward of
+``nrgpt.kernels`` (stacked products, fused elementwise passes); an energy without a ``grad`` gets autograd's.
 """
 
 from __future__ import annotations
@@ -21,13 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import dam_grad, ff1_grad, ff2_grad, ff2w_grad
 from .base import FFEnergy, register_energy
-
-
-def gelu_grad(v: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """v * sigma'(h) for the exact GELU, sigma'(h) = Phi(h) + h phi(h), as one fused kernel (the GELU
-    backward); autograd differentiates it in closed form too (gelu_double_backward)."""
-    return torch.ops.aten.gelu_backward(v, h)
 
 
 def gelu_integral(z: torch.Tensor) -> torch.Tensor:
@@ -49,8 +45,7 @@ class FF1(FFEnergy):
         return -F.gelu(self.fc1(g)).pow(2).sum(-1)
 
     def grad(self, g: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(g)
-        return -2.0 * (gelu_grad(F.gelu(h), h) @ self.fc1.weight)
+        return ff1_grad(g, self.fc1.weight, self.fc1.bias)
 
 
 @register_energy("ff2w")
@@ -66,8 +61,7 @@ class FF2W(FFEnergy):
         return -(g * self.fc2(F.gelu(self.fc1(g)))).sum(-1)
 
     def grad(self, g: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(g)
-        return -(self.fc2(F.gelu(h)) + gelu_grad(g @ self.fc2.weight, h) @ self.fc1.weight)
+        return ff2w_grad(g, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
 
 
 @register_energy("ff2")
@@ -83,9 +77,7 @@ class FF2(FFEnergy):
         return -F.gelu(self.fc2(F.gelu(self.fc1(g)))).pow(2).sum(-1)
 
     def grad(self, g: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(g)
-        u = self.fc2(F.gelu(h))
-        return -2.0 * (gelu_grad(gelu_grad(F.gelu(u), u) @ self.fc2.weight, h) @ self.fc1.weight)
+        return ff2_grad(g, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
 
 
 @register_energy("dam")
@@ -101,7 +93,7 @@ class DenseAssociativeMemory(FFEnergy):
         return -0.5 * F.relu(self.fc1(g)).pow(2).sum(-1)
 
     def grad(self, g: torch.Tensor) -> torch.Tensor:
-        return -(F.relu(self.fc1(g)) @ self.fc1.weight)
+        return dam_grad(g, self.fc1.weight, self.fc1.bias)
 
 
 @register_energy("glu")

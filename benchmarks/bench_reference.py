@@ -1,0 +1,160 @@
+"""Q6: nrgpt against the authors' reference code (github.com/bhoov/nrgpt) on identical weights.
+
+The authors' model is built from a checkout of their repository, given by ``--reference-dir`` or
+$NRGPT_REFERENCE_DIR (its ``models`` package is imported from there; nothing of it is copied here).
+Its weights are converted with ``nrgpt.load_reference_checkpoint``, the two models' losses are
+checked equal, and then, side by side in one process (interleaved rounds, medians):
+
+* training step (forward + backward + AdamW) at the paper's Shakespeare shape (n_embd 128, 1 head,
+  8 steps, block 256, batch 16), nrgpt's default path against the authors' code;
+* greedy generation from a 16-token prompt to context 256, batch 1: ``model.generate`` (default
+  path, whatever it compiles counted in its time) against the authors' ``generate(greedy=True)``
+  (full recomputation), tokens asserted identical (weights perturbed so that the argmax is decisive).
+
+Without a checkout the script says so and exits 0 (no results, no targets).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import torch
+from common import (
+    PAPER_BATCH,
+    PAPER_SHAPE,
+    batch,
+    finish,
+    interleave,
+    parser,
+    setup,
+    stats,
+    table,
+    target,
+    train_step,
+)
+
+from nrgpt import load_reference_checkpoint
+
+TRAIN_TARGET = 1.6  # nrgpt's default training step at least this much faster (NRGPT_H_FF2W)
+GENERATE_TARGET = 30.0  # greedy generation to context 256, batch 1
+
+
+def import_reference(path: Path) -> types.ModuleType:
+    """The authors' ``models`` package from a checkout. It imports ``opt_einsum.contract`` without
+    calling it; where opt_einsum is not installed, ``torch.einsum`` stands in under that name."""
+    if not (path / "models" / "energy_models.py").is_file():
+        raise SystemExit(f"{path} is not a checkout of github.com/bhoov/nrgpt (no models/energy_models.py); "
+                         "pass --reference-dir or set NRGPT_REFERENCE_DIR to one")
+    try:
+        import opt_einsum  # noqa: F401
+    except ImportError:
+        sys.modules["opt_einsum"] = types.SimpleNamespace(contract=torch.einsum)
+    sys.path.insert(0, str(path))
+    import models
+
+    return models
+
+
+def reference_model(models: types.ModuleType, cls: str, seed: int = 0, **shape) -> torch.nn.Module:
+    cfg = types.SimpleNamespace(
+        n_embed=shape["n_embd"], n_head=shape["n_head"], n_layer=shape["n_steps"], block_size=shape["block_size"],
+        vocab_size=shape["vocab_size"], ff_hid_factor=4, dropout=0.0, bias=False, tril_plus_one=False,
+    )
+    torch.manual_seed(seed)
+    return getattr(models, cls)(cfg)
+
+
+def ours_from(ref: torch.nn.Module, cls: str, shape: dict) -> torch.nn.Module:
+    """nrgpt's model holding the reference model's weights (through a checkpoint in its format)."""
+    ckpt = {"model": ref.state_dict(), "config": {"model_path": f"models.{cls}"},
+            "model_args": {"n_embed": shape["n_embd"], "n_head": shape["n_head"], "n_layer": shape["n_steps"],
+                           "block_size": shape["block_size"], "vocab_size": shape["vocab_size"],
+                           "ff_hid_factor": 4, "dropout": 0.0, "tril_plus_one": False}}
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(ckpt, Path(tmp) / "ref.pt")
+        return load_reference_checkpoint(Path(tmp) / "ref.pt")
+
+
+def generation(models: types.ModuleType, cls: str, shape: dict, n_new: int) -> dict:
+    """One cold greedy generation each (whatever nrgpt's default path compiles is counted), batch 1,
+    from a prompt of block_size - n_new tokens; the tokens must be identical. The weights get N(0, 0.15)
+    noise first (as the reference fixtures do): at initialisation the logits are nearly tied, and
+    float32 round-off would decide the argmax."""
+    ref = reference_model(models, cls, **shape)
+    with torch.no_grad():
+        noise = torch.Generator().manual_seed(2)
+        for p in ref.parameters():
+            p.add_(torch.randn(p.shape, generator=noise) * 0.15)
+    ours, ref = ours_from(ref, cls, shape).eval(), ref.eval()
+    prompt = torch.randint(0, shape["vocab_size"], (1, shape["block_size"] - n_new),
+                           generator=torch.Generator().manual_seed(1))
+    outs, secs = {}, {}
+    for name, model in (("ours", ours), ("reference", ref)):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            outs[name] = model.generate(prompt, n_new, greedy=True)
+        secs[name] = time.perf_counter() - t0
+    same = torch.equal(outs["ours"], outs["reference"])
+    assert same, "greedy tokens differ between nrgpt and the authors' code"
+    return {"task": "generate", "new_tokens": n_new, "ours_s": secs["ours"], "reference_s": secs["reference"],
+            "speedup": secs["reference"] / secs["ours"], "identical": same}
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--reference-dir", type=Path, default=os.environ.get("NRGPT_REFERENCE_DIR"),
+                   help="checkout of github.com/bhoov/nrgpt (default $NRGPT_REFERENCE_DIR)")
+    p.add_argument("--presets", nargs="+", default=["NRGPT_H_FF2W", "NRGPT_H_FF1"])
+    p.add_argument("--batch", type=int, default=None, help=f"training batch (default {PAPER_BATCH})")
+    p.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 240: prompt 16 -> 256)")
+    args = p.parse_args()
+    if args.reference_dir is None:
+        print("bench_reference.py: skipped: no checkout of the authors' code (github.com/bhoov/nrgpt); "
+              "pass --reference-dir PATH or set NRGPT_REFERENCE_DIR")
+        return
+    setup(args)
+    models = import_reference(args.reference_dir.resolve())
+    bsz = args.batch or (8 if args.quick else PAPER_BATCH)
+    reps = args.reps or (3 if args.quick else 5)
+    n_new = args.new_tokens or (112 if args.quick else 240)
+    shape = dict(PAPER_SHAPE)
+
+    rows, results, targets = [], [], []
+    x, y = batch(shape["vocab_size"], bsz, shape["block_size"])
+    for cls in args.presets:
+        ref = reference_model(models, cls, **shape)
+        ours = ours_from(ref, cls, shape)
+        ref.train(), ours.train()
+        loss_ref, loss_ours = ref(x, y)[1].item(), ours(x, y)[1].item()
+        assert abs(loss_ref - loss_ours) < 1e-4, f"{cls}: losses differ ({loss_ref} vs {loss_ours})"
+        times = interleave({"ours": train_step(ours, x, y), "reference": train_step(ref, x, y)}, reps=reps, warmup=2)
+        t_ours, t_ref = stats(times["ours"]), stats(times["reference"])
+        speedup = t_ref["median"] / t_ours["median"]
+        results.append({"task": "train", "preset": cls, "batch": bsz, "ours_s": t_ours, "reference_s": t_ref,
+                        "speedup": speedup, "loss_ours": loss_ours, "loss_reference": loss_ref})
+        rows.append([f"training step, batch {bsz}", cls, t_ours["median"], t_ref["median"], speedup, "yes"])
+        if cls == "NRGPT_H_FF2W":
+            targets.append(target(f"training step, default path, {cls} vs the authors' code (speed-up)",
+                                  speedup, ">=", TRAIN_TARGET, f"batch {bsz}, block 256, n_embd 128"))
+            res = generation(models, cls, shape, n_new)
+            results.append(res)
+            rows.append([f"greedy generation to context {shape['block_size']} ({n_new} new), batch 1", cls,
+                         res["ours_s"], res["reference_s"], res["speedup"], res["identical"]])
+            targets.append(target(f"greedy generation to context 256, batch 1, default path, {cls} vs the authors' "
+                                  "code (speed-up)", res["speedup"], ">=", GENERATE_TARGET,
+                                  f"{n_new} new tokens, first call (compilation, if any, included)"))
+
+    tab = table(["task", "model", "nrgpt (s)", "authors' code (s)", "speed-up", "same result"], rows,
+                f"nrgpt vs the authors' code ({args.reference_dir.name}) on identical weights, n_embd 128, 1 head, "
+                f"8 steps, block 256; medians of interleaved reps ({reps} for training)")
+    finish("reference", args, {"rows": results, "reps": reps, "reference_dir": str(args.reference_dir)}, [tab],
+           targets)
+
+
+if __name__ == "__main__":
+    main()
