@@ -74,6 +74,19 @@ def test_forward_and_backward_equal_double_autograd(kind, fused):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", FUNCTIONS)
+def test_without_a_graph_the_closed_form_is_the_same_gradient(kind):
+    """Decoding and evaluation (no autograd graph) take ATen's closed form instead of the Functions: the
+    same dE/dg to float64 round-off, and no graph attached."""
+    fn, shapes = FUNCTIONS[kind]
+    g, *params = _params((2, 3, D), *shapes, seed=2)
+    ref = torch.autograd.grad(_autograd_energy(kind, g, *params), g)[0]
+    with torch.no_grad():
+        out = fn(g, *params)
+    assert out.grad_fn is None and out.shape == g.shape
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
 BLOCK_OPTIONS = [  # every FF kind under every norm, with the eta forms and ff_scale cycled through
     dict(ff=ff, norm=norm, eta=eta, ff_scale=scale, attention=att, mask=mask, grad_mode="exact")
     for (ff, norm), eta, scale, (att, mask) in zip(
