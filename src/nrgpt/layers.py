@@ -40,17 +40,29 @@ class Norm(nn.Module):
         else:
             self.register_buffer("weight", torch.ones(dim), persistent=kind == "bare_layernorm")
         self.bias = nn.Parameter(torch.zeros(dim)) if kind in ("layernorm", "bare_layernorm") else None
+        self._norm = _NORMS[kind]  # chosen here, not on every call
 
     @property
     def gamma(self) -> torch.Tensor:
         return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "none":
-            return x
-        if self.kind == "rmsnorm":
-            return F.rms_norm(x, (self.dim,), self.weight, LN_EPS)
-        return F.layer_norm(x, (self.dim,), self.weight, self.bias, LN_EPS)
+        return self._norm(self, x)
+
+
+def _layer_norm(n: Norm, x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, (n.dim,), n.weight, n.bias, LN_EPS)
+
+
+def _rms_norm(n: Norm, x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (n.dim,), n.weight, LN_EPS)
+
+
+def _no_norm(n: Norm, x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+_NORMS = {"layernorm": _layer_norm, "bare_layernorm": _layer_norm, "rmsnorm": _rms_norm, "none": _no_norm}
 
 
 class InferenceRate(nn.Module):
