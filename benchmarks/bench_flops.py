@@ -38,7 +38,7 @@ from common import (
 )
 from torch.utils.flop_counter import FlopCounterMode
 
-from nrgpt import ModelConfig
+from nrgpt import ModelConfig, kernels
 
 BASELINE = "GPT_Rec_parallel"
 STEP_RATIO_TARGETS = {"NRGPT_H_FF2W": 1.5, "NRGPT_H_FF1": 1.0}  # step time / the baseline's, at most (issue 15)
@@ -81,11 +81,19 @@ def forward_flops(cfg: ModelConfig, b: int, t: int) -> dict[str, float]:
 
 
 def counted_flops(model: torch.nn.Module, b: int, t: int) -> float:
-    """FLOPs FlopCounterMode sees in forward + backward (batch b; excludes CPU flash attention)."""
+    """FLOPs FlopCounterMode sees in forward + backward (batch b; excludes CPU flash attention).
+
+    The kernels' fused elementwise passes run eagerly while counting (the same products; elementwise
+    work is not counted): torch.compile fails under FlopCounterMode, and a failed compilation would
+    leave them eager for the timings that follow in this process."""
     x, y = batch(model.config.vocab_size, b, t, seed=1)
-    with FlopCounterMode(display=False) as counter:
-        _, loss = model(x, y)
-        loss.backward()
+    enabled, kernels.Fused.enabled = kernels.Fused.enabled, False
+    try:
+        with FlopCounterMode(display=False) as counter:
+            _, loss = model(x, y)
+            loss.backward()
+    finally:
+        kernels.Fused.enabled = enabled
     model.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
 
