@@ -144,8 +144,9 @@ def depth_figure(result: dict[str, Any]) -> Figure:
         style_axes(ax, xlabel="inference steps", ylabel=f"{result['split']} accuracy (greedy)")
         ax.set_ylim(-0.03, 1.03)
     else:
-        ax.plot(steps, [p["loss"] for p in points], "o-", color="black")
-        style_axes(ax, xlabel="inference steps", ylabel=f"{result['split']} loss (nats per token)", log_y=True)
+        ax.plot(steps, [p["loss"] for p in points], "o-", color="black",
+                label=f"{result['split']} loss ({points[0]['tokens']:,} targets)")
+        style_axes(ax, xlabel="inference steps", ylabel=f"{result['split']} loss (nats per token)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(steps, [str(k) for k in steps])
     ax.xaxis.set_minor_locator(NullLocator())
