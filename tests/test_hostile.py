@@ -115,6 +115,10 @@ def _dyn(ctx: Ctx, *args: str) -> list[str]:
     return ["dynamics", str(ctx.run), "--out", str(ctx.tmp / "dyn-out"), *args]
 
 
+def _depth(ctx: Ctx, *args: str, run: Path | None = None) -> list[str]:
+    return ["depth", str(run or ctx.run), "--out", str(ctx.tmp / "depth-out"), "--device", "cpu", *args]
+
+
 CASES = [
     # ---------------------------------------------------------------- lost work
     Case("quickstart over an existing run", "lost work",
@@ -226,6 +230,15 @@ CASES = [
          lambda c: _dyn(c, "--ids", "1,2", "--energy-tol", "-1"), "out of range"),
     Case("dynamics early-exit-steps 0", "dynamics",
          lambda c: _dyn(c, "--ids", "1,2", "--early-exit", "0.1", "--early-exit-steps", "0"), "out of range"),
+    # ---------------------------------------------------------------- depth arguments
+    Case("depth steps not numbers", "depth", lambda c: _depth(c, "--steps", "2,a"), "'a' is not an integer"),
+    Case("depth empty steps", "depth", lambda c: _depth(c, "--steps", ","), "comma-separated integers"),
+    Case("depth --steps 0", "depth", lambda c: _depth(c, "--steps", "0,2"), "out of range"),
+    Case("depth steps beyond 64x the trained", "depth", lambda c: _depth(c, "--steps", "2,129"), "more than 64x"),
+    Case("depth of a deep GPT", "depth", lambda c: _depth(c, run=_deep_gpt(c)), "need a recurrent model"),
+    Case("depth without a dataset", "depth", lambda c: _depth(c, run=_gone_dataset(c)), "pass --data"),
+    Case("depth on a folder that is no dataset", "depth", lambda c: _depth(c, "--data", str(c.user)),
+         "has no meta.json"),
     # ---------------------------------------------------------------- seeds and threads
     Case("train seed -1", "seed", lambda c: c.train(c.tmp / "s1", "train.seed=-1"), "train.seed = -1"),
     Case("train seed 2^70", "seed", lambda c: c.train(c.tmp / "s2", f"train.seed={2**70}"), "train.seed"),
@@ -281,13 +294,27 @@ CASES = [
 
 
 def _gone_dataset(ctx: Ctx) -> Path:
-    """A run trained on a dataset that has since been removed."""
-    data = make_text_data(ctx.tmp / "gone" / "data", n_lines=300)
+    """A run trained on a dataset that has since been removed (made once, then reused)."""
     run = ctx.tmp / "gone" / "run"
+    if run.is_dir():
+        return run
+    data = make_text_data(ctx.tmp / "gone" / "data", n_lines=300)
     from nrgpt.train import train
 
     train(tiny_config(data, run, "train.max_iters=1", "train.eval_iters=1"), quiet=True)
     shutil.rmtree(data)
+    return run
+
+
+def _deep_gpt(ctx: Ctx) -> Path:
+    """A run directory holding an (untrained) deep GPT for the dataset of the tiny run."""
+    from nrgpt import build_model
+    from nrgpt.checkpoint import save_checkpoint
+    from nrgpt.data import load_meta
+
+    run, vocab = ctx.tmp / "deep-gpt", load_meta(ctx.data)["vocab_size"]
+    config = tiny_config(ctx.data, run, "model.preset=GPT", f"model.vocab_size={vocab}")
+    save_checkpoint(run / "best", build_model(config.model_config(vocab)), config, {"iter": 0})
     return run
 
 

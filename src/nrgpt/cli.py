@@ -34,7 +34,7 @@ from .errors import ConfigError, DivergenceError, UserError, first_line
 
 # The modules that add subcommands, in the order `nrgpt --help` lists them. Add yours here.
 COMMAND_MODULES = ("nrgpt.cli", "nrgpt.train", "nrgpt.sample", "nrgpt.sweep", "nrgpt.report", "nrgpt.dynamics",
-                   "nrgpt.hf.export")
+                   "nrgpt.depth", "nrgpt.hf.export")
 
 EVAL_TASKS = ("loss", "listops", "quality")
 

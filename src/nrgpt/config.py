@@ -143,6 +143,12 @@ class ModelConfig:
     def is_energy_model(self) -> bool:
         return self.model == "nrgpt"
 
+    @property
+    def is_recurrent(self) -> bool:
+        """Whether the model applies shared weights n_steps times, so that it can run any number of steps
+        (every model but the deep 'gpt', whose n_steps layers are distinct)."""
+        return self.model != "gpt"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

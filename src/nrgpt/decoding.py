@@ -23,9 +23,10 @@ hundred small kernels. There the steps run on a shape-static cache (``KVCache(st
 step is captured once as a CUDA graph and replayed for every further token; ``compile_decode`` compiles
 the static step instead (on a CPU, where dispatch dominates).
 
-Early-exit decoding: NRGPT's ``decode`` (and so ``forward_cached`` and ``greedy_continuations``) takes the
-descent options ``n_steps`` and ``tol`` of ``NRGPT.body`` (a token stops once ||dE_A/dg_A|| < tol; its
-frozen state keeps serving as a key).
+Other depths and early exit: ``decode`` (and so ``forward_cached`` and ``greedy_continuations``) passes its
+keyword options to ``model.body``: ``n_steps`` for every recurrent model (a step beyond the trained ones
+fills a further cache slot), and for NRGPT the early-exit ``tol`` (a token stops once ||dE_A/dg_A|| < tol;
+its frozen state keeps serving as a key).
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def sample_next(
 @torch.no_grad()
 def forward_cached(model, idx: torch.Tensor, cache: KVCache, **descent: Any) -> torch.Tensor:
     """Logits of the last position for new tokens ``idx`` appended to the cached context (the contract
-    above); ``descent``: NRGPT's early-exit options (``n_steps``, ``tol``)."""
+    above); ``descent``: the step options of ``model.body`` (``n_steps``; NRGPT also ``tol``)."""
     cache.begin(idx.shape[1], idx.device)
     if cache.static_step and model.compiled_decode is not None and not descent:
         logits = model.compiled_decode(idx.clone(memory_format=torch.contiguous_format), cache)  # fixed strides
@@ -264,7 +265,7 @@ def greedy_continuations(model: nn.Module, prompts: Sequence[Sequence[int]], eos
     more than fit the block (the last generated token is never fed back, so a prompt of L tokens can be
     continued by block_size - L + 1 tokens). A batch stops as soon as all its rows have emitted ``eos_id``
     (rows that finished earlier keep decoding, and their tokens after ``eos_id`` are dropped). ``descent``
-    is passed to ``model.forward_cached`` (early-exit decoding).
+    is passed to ``model.forward_cached`` (another number of steps, early-exit decoding).
     """
     block = model.config.block_size
     too_long = [len(p) for p in prompts if not 0 < len(p) <= block]

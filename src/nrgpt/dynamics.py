@@ -59,7 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .argtypes import comma_list, integer, number, seed
-from .decoding import KVCache
+from .depth import AtSteps, depth_curve
 from .energy import DescentStep, EnergyBlock
 from .evaluate import ListOpsSamples, load_listops_samples, score_listops
 from .model import NRGPT, LanguageModel
@@ -245,34 +245,22 @@ def summarize_dynamics(dyn: Dynamics, energy_tol: float = DEFAULT_ENERGY_TOL) ->
 # -------------------------------------------------------------------------------------------- early exit
 
 
-class EarlyExit(nn.Module):
+class EarlyExit(AtSteps):
     """An NRGPT evaluated with early exit: ``model``'s descent with tolerance ``tol`` and at most
     ``max_steps`` steps (default: the trained number); see ``NRGPT.run`` and ``nrgpt.energy.descent``.
-    It has the interface evaluation needs: ``logits, loss = ee(idx, targets)``, ``forward_cached(idx,
-    cache)`` and ``config``; ``run(idx)`` also returns every token's number of steps."""
+    The interface of ``nrgpt.depth.AtSteps`` (``logits, loss = ee(idx, targets)``, ``forward_cached(idx,
+    cache)``, ``config``), early exit included; ``run(idx)`` also returns every token's number of steps."""
 
     def __init__(self, model: NRGPT, tol: float, max_steps: int | None = None):
-        super().__init__()
-        self.model = require_energy_model(model)
+        super().__init__(require_energy_model(model), max_steps)
         self.tol = tol
-        self.max_steps = model.config.n_steps if max_steps is None else max_steps
 
-    @property
-    def config(self):
-        return self.model.config
+    def step_options(self) -> dict[str, Any]:
+        return {"n_steps": self.n_steps, "tol": self.tol}
 
     def run(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, V) and steps per token (B, T)."""
-        return self.model.run(idx, self.max_steps, self.tol)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        logits, _ = self.run(idx)
-        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
-        return logits, loss
-
-    def forward_cached(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Last-position logits for new tokens appended to the cached context (early-exit decoding)."""
-        return self.model.forward_cached(idx, cache, n_steps=self.max_steps, tol=self.tol)
+        return self.model.run(idx, self.n_steps, self.tol)
 
 
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
@@ -332,10 +320,14 @@ def early_exit_curve(model: NRGPT, data: Batches | ListOpsSamples, tolerances: S
 
 def fixed_steps_curve(model: NRGPT, data: Batches | ListOpsSamples, steps: Sequence[int] | None = None, *,
                       batch_size: int = 64) -> list[dict[str, float]]:
-    """The fixed-steps model cut at each number of steps (default 0..n_steps): {"steps", "avg_steps",
-    "loss" or "accuracy"}; the baseline an early-exit curve is compared with."""
+    """The fixed-steps model cut at each number of steps (default 0..n_steps): {"steps", "avg_steps" (the
+    steps of all blocks), "loss" or "accuracy"} of ``nrgpt.depth.depth_curve``; the baseline an early-exit
+    curve is compared with."""
+    n_blocks = require_energy_model(model).config.n_blocks
     steps = range(model.config.n_steps + 1) if steps is None else steps
-    return [{"steps": k, **evaluate_early_exit(EarlyExit(model, 0.0, k), data, batch_size)} for k in steps]
+    metric = "accuracy" if isinstance(data, ListOpsSamples) else "loss"
+    return [{"steps": p["steps"], "avg_steps": float(n_blocks * p["steps"]), metric: p[metric]}
+            for p in depth_curve(model, data, steps, batch_size=batch_size)]
 
 
 # ----------------------------------------------------------------------------------------------- figures

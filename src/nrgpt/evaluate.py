@@ -12,7 +12,10 @@ greedily (cached decoding, batched) until it emits the end-of-sequence token or 
 * ``terminated``: the continuation ended with ``<eos>`` within the budget;
 * ``per_op``: ``overall`` over the samples grouped by their ROOT op (the op evaluated last, which
   produces the answer); ``per_op_present``: over the samples that use an op anywhere (a sample counts
-  for each op it uses, so these groups overlap); ``per_depth``: by nesting depth;
+  for each op it uses, so these groups overlap); ``per_depth``: by nesting depth (``tree_depth``: 1 for
+  a function of numbers); ``per_reductions``: by number of reduction steps, i.e. of function nodes (the
+  record's ``n_funcs``: each step of the chain evaluates exactly one function, so it is also the number
+  of op tokens of the prompt and of ``=`` in the sample); ``group_sizes``: the samples in each group;
 * ``heldout``: over the samples that contain a held-out argument tuple (generalisation; for a dataset
   made by ``nrgpt prepare listops`` that is every test sample and no training sample), and
   ``in_distribution`` over those that contain none; None where there are no such samples or the
@@ -26,9 +29,10 @@ sample's own target.
 Language
 --------
 The mean validation loss and perplexity over a whole split is ``split_loss`` (``nrgpt eval
---task loss``). ``overfitting_curve`` reads the train-validation gap along training from a run's
-``metrics.jsonl``; ``generation_quality_for_model`` samples texts and scores them with
-``nrgpt.metrics.generation_quality``.
+--task loss``): ``mean_loss`` over the ``SplitWindows`` of the split (consecutive windows of block_size
+tokens, every token but the first a target once). ``overfitting_curve`` reads the train-validation gap
+along training from a run's ``metrics.jsonl``; ``generation_quality_for_model`` samples texts and scores
+them with ``nrgpt.metrics.generation_quality``.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import argparse
 import json
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,21 +117,31 @@ def _mean(flags: Iterable[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
 
-def _grouped(scored: list[tuple[dict[str, Any], dict[str, Any]]], keys) -> dict[str, float]:
+# The groupings of ``score_listops``: name -> the keys of the groups a record belongs to.
+LISTOPS_GROUPS: dict[str, Callable[[dict[str, Any]], Iterable[Any]]] = {
+    "per_op": lambda r: [root_op(r["line"])],
+    "per_op_present": lambda r: r["ops"],
+    "per_depth": lambda r: [r["depth"]],
+    "per_reductions": lambda r: [r["n_funcs"]],
+}
+
+
+def _grouped(scored: list[tuple[dict[str, Any], dict[str, Any]]], keys) -> dict[str, list[bool]]:
     groups: dict[str, list[bool]] = defaultdict(list)
     for record, score in scored:
         for key in keys(record):
             groups[str(key)].append(score["correct"])
-    return {k: _mean(v) for k, v in sorted(groups.items())}
+    return dict(sorted(groups.items()))
 
 
 def score_listops(model: nn.Module, samples: ListOpsSamples, *, batch_size: int = 64,
                   max_new_tokens: int | None = None, return_predictions: bool = False) -> dict[str, Any]:
     """Greedy-decode and score ListOps samples (see the module docstring for every key).
 
-    Returns n, overall, exact_chain, terminated, per_op (by root op), per_op_present, per_depth, heldout,
-    n_heldout, in_distribution, n_in_distribution, max_new_tokens, seconds and samples_per_s; with
-    ``return_predictions`` also ``predictions`` (per sample: line, continuation text and its scores).
+    Returns n, overall, exact_chain, terminated, per_op (by root op), per_op_present, per_depth,
+    per_reductions, group_sizes (per grouping and group), heldout, n_heldout, in_distribution,
+    n_in_distribution, max_new_tokens, seconds and samples_per_s; with ``return_predictions`` also
+    ``predictions`` (per sample: line, continuation text and its scores).
     """
     tok, records = samples.tokenizer, samples.records
     eos = tok.decode([tok.eos_id])
@@ -146,14 +160,14 @@ def score_listops(model: nn.Module, samples: ListOpsSamples, *, batch_size: int 
     scored = [(r, score_continuation(c, eos, r)) for r, c in zip(records, decoded)]
     heldout = [s["correct"] for r, s in scored if r.get("heldout")]
     in_dist = [s["correct"] for r, s in scored if r.get("heldout") == []]
+    groups = {name: _grouped(scored, keys) for name, keys in LISTOPS_GROUPS.items()}
     result: dict[str, Any] = {
         "split": samples.split, "n": len(scored),
         "overall": _mean(s["correct"] for _, s in scored),
         "exact_chain": _mean(s["exact_chain"] for _, s in scored),
         "terminated": _mean(s["terminated"] for _, s in scored),
-        "per_op": _grouped(scored, lambda r: [root_op(r["line"])]),
-        "per_op_present": _grouped(scored, lambda r: r["ops"]),
-        "per_depth": _grouped(scored, lambda r: [r["depth"]]),
+        **{name: {k: _mean(v) for k, v in g.items()} for name, g in groups.items()},
+        "group_sizes": {name: {k: len(v) for k, v in g.items()} for name, g in groups.items()},
         "heldout": _mean(heldout), "n_heldout": len(heldout),
         "in_distribution": _mean(in_dist), "n_in_distribution": len(in_dist),
         "max_new_tokens": max_new_tokens, "seconds": seconds, "samples_per_s": len(scored) / max(seconds, 1e-9),
@@ -177,22 +191,52 @@ def listops_accuracy(model: nn.Module, data_dir: str | Path, split: str = "test"
 # ----------------------------------------------------------------------------------------------- language
 
 
+@dataclass
+class SplitWindows:
+    """The batches (x, y) of ``TokenStream.iter_sequential`` over a split, ``batch_size`` windows of
+    ``block_size`` tokens at a time, cut after the first ``max_windows`` windows (None: the whole split).
+    Iterable any number of times, each time reading the same windows."""
+
+    data_dir: str | Path
+    block_size: int
+    split: str = "val"
+    batch_size: int = 32
+    max_windows: int | None = None
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        left = self.max_windows
+        for x, y in TokenStream(self.data_dir, self.split).iter_sequential(self.batch_size, self.block_size):
+            if left is not None:
+                if left <= 0:
+                    return
+                x, y, left = x[:left], y[:left], left - len(x)
+            yield x, y
+
+
 @torch.no_grad()
-def split_loss(model: LanguageModel, data_dir: str | Path, split: str = "val",
-               batch_size: int = 32) -> tuple[float, int]:
-    """Mean loss per target token over the whole split (every token but the first predicted once), and
-    the number of targets."""
+def mean_loss(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
+    """Mean loss per target token over batches (x, y) (each batch's mean loss weighted by its number of
+    targets, summed in float64), and the number of targets. Runs in eval mode."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
-    for x, y in TokenStream(data_dir, split).iter_sequential(batch_size, model.config.block_size):
-        _, loss = model(x.to(device), y.to(device))
-        total += loss.double() * y.numel()
-        count += y.numel()
-    model.train(was_training)
+    try:
+        for x, y in batches:
+            _, loss = model(x.to(device), y.to(device))
+            total += loss.double() * y.numel()
+            count += y.numel()
+    finally:
+        model.train(was_training)
     return (total / count).item(), count
+
+
+def split_loss(model: LanguageModel, data_dir: str | Path, split: str = "val",
+               batch_size: int = 32) -> tuple[float, int]:
+    """Mean loss per target token over the whole split (every token but the first predicted once), and
+    the number of targets: ``mean_loss`` over its ``SplitWindows``."""
+    return mean_loss(model, SplitWindows(data_dir, model.config.block_size, split, batch_size))
 
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -58,14 +59,17 @@ class LanguageModel(nn.Module):
         pos = torch.arange(start, start + t, device=idx.device)
         return self.tok_emb(idx) + self.pos_emb(pos)
 
-    def body(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def body(self, x: torch.Tensor, cache: KVCache | None = None, n_steps: int | None = None) -> torch.Tensor:
+        """The states after the model's steps from the embeddings x; ``n_steps`` (recurrent models only)
+        runs another number of steps than the trained one."""
         raise NotImplementedError
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, **steps: Any
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """logits (B, T, vocab) and the mean cross-entropy against ``targets`` (ignore_index -1)."""
-        logits = self.lm_head(self.ln_f(self.body(self.embed(idx))))
+        """logits (B, T, vocab) and the mean cross-entropy against ``targets`` (ignore_index -1). ``steps``
+        go to ``body``: ``n_steps`` (recurrent models), and for NRGPT also the early-exit ``tol``."""
+        logits = self.lm_head(self.ln_f(self.body(self.embed(idx), **steps)))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
@@ -200,9 +204,16 @@ class GPT(LanguageModel):
     def step_blocks(self) -> list[nn.Module]:
         return list(self.blocks)
 
-    def body(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def body(self, x: torch.Tensor, cache: KVCache | None = None, n_steps: int | None = None) -> torch.Tensor:
+        """The blocks in turn ('gpt'), or the one block ``n_steps`` times (default: the trained number; the
+        recurrent baselines may run more or fewer; a step t beyond the trained ones uses cache slot t)."""
+        if n_steps is None:
+            n_steps = self.config.n_steps
+        elif n_steps != self.config.n_steps and not self.config.is_recurrent:
+            raise ValueError(f"a deep 'gpt' has {self.config.n_steps} distinct layers and cannot run {n_steps} "
+                             "steps; only the recurrent models (nrgpt, rgpt, rgpt_parallel) can")
         ckpt = self.config.checkpoint_steps and self.training and torch.is_grad_enabled()
-        for t in range(self.config.n_steps):
+        for t in range(n_steps):
             block = self.blocks[t % len(self.blocks)]
             x = checkpoint(block, x, t, cache, use_reentrant=False) if ckpt else block(x, t, cache)
         return x

@@ -1,7 +1,8 @@
 """Reports of a run or a sweep (``nrgpt report DIR``): one self-contained HTML page (PNG figures embedded
 as base64 data URIs) and one Markdown page (figures beside it in ``report_files/``).
 
-A run directory (it has ``metrics.jsonl``) gets its loss curves, final metrics and config. A sweep
+A run directory (it has ``metrics.jsonl``) gets its loss curves, final metrics and config, and its
+test-time depth curve when ``nrgpt depth`` has written ``depth/depth.json`` (``nrgpt.depth``). A sweep
 directory (it has ``sweep.toml``; see ``nrgpt.sweep``) gets, from its finished runs:
 
 * ListOps (Figure 3 of the paper): test accuracy against total parameters per model, the logistic fit of
@@ -169,8 +170,23 @@ def _key_values(data: dict[str, Any], prefix: str = "") -> list[list[Any]]:
     return rows
 
 
+def depth_blocks(path: Path) -> list[Block]:
+    """The test-time depth section of a ``depth.json`` (``nrgpt depth``): its figure and table."""
+    from .depth import depth_figure, depth_table
+
+    result = json.loads(path.read_text(encoding="utf-8"))
+    metric = "ListOps test accuracy (overall and per number of reduction steps)" if result["metric"] == "accuracy" \
+        else "validation loss"
+    return ["## Test-time depth",
+            Image("depth", png_bytes(depth_figure(result)),
+                  f"{metric} against the number of inference steps; dashed: the {result['trained_steps']} trained "
+                  "steps"),
+            Table(*depth_table(result))]
+
+
 def run_blocks(run_dir: Path) -> list[Block]:
-    """Final metrics (the trainer's result.json and the sweep's row, when present), loss curves, config."""
+    """Final metrics (the trainer's result.json and the sweep's row, when present), loss curves, the test-time
+    depth curve (``depth/depth.json``, when present), config."""
     final: dict[str, Any] = {}
     for name in ("result.json", RESULT):
         if (run_dir / name).is_file():
@@ -180,6 +196,8 @@ def run_blocks(run_dir: Path) -> list[Block]:
         blocks += ["## Final metrics", Table(["metric", "value"], _key_values(final))]
     blocks += ["## Loss curves", Image("loss_curves", png_bytes(loss_curve_figure(run_dir)),
                                        "Training batch loss and evaluated train/validation loss per iteration")]
+    if (run_dir / "depth" / "depth.json").is_file():
+        blocks += depth_blocks(run_dir / "depth" / "depth.json")
     if (run_dir / "config.json").is_file():
         config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
         blocks += ["## Config", Table(["setting", "value"], _key_values(config))]
