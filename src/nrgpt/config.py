@@ -143,6 +143,11 @@ class ModelConfig:
     def is_energy_model(self) -> bool:
         return self.model == "nrgpt"
 
+    @property
+    def is_recurrent(self) -> bool:
+        """One set of weights applied n_steps times (every model but 'gpt'): it can run any number of steps."""
+        return self.model != "gpt"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .decoding import KVCache, compile_decode, decode, forward_cached, generate
-from .energy import DescentStep, EnergyBlock, descent
+from .energy import DescentStep, EnergyBlock, descent, first_graph_step
 from .layers import TransformerBlock
 
 
@@ -58,14 +58,21 @@ class LanguageModel(nn.Module):
         pos = torch.arange(start, start + t, device=idx.device)
         return self.tok_emb(idx) + self.pos_emb(pos)
 
-    def body(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def body(self, x: torch.Tensor, cache: KVCache | None = None, n_steps: int | None = None,
+             backprop_steps: int = 0) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, n_steps: int | None = None,
+        backprop_steps: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """logits (B, T, vocab) and the mean cross-entropy against ``targets`` (ignore_index -1)."""
-        logits = self.lm_head(self.ln_f(self.body(self.embed(idx))))
+        """logits (B, T, vocab) and the mean cross-entropy against ``targets`` (ignore_index -1).
+
+        ``n_steps``: recurrent steps of this call (default: the trained number; recurrent models only);
+        ``backprop_steps`` = k > 0: only the last k steps record an autograd graph (truncated
+        backpropagation; the state entering them is a constant). Training with a random number of steps
+        (``train.steps_distribution``) passes both."""
+        logits = self.lm_head(self.ln_f(self.body(self.embed(idx), n_steps=n_steps, backprop_steps=backprop_steps)))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
@@ -130,16 +137,17 @@ class NRGPT(LanguageModel):
         return list(self.blocks)
 
     def descent(self, x: torch.Tensor, cache: KVCache | None = None, n_steps: int | None = None,
-                tol: float | None = None) -> Iterator[DescentStep]:
+                tol: float | None = None, backprop_steps: int = 0) -> Iterator[DescentStep]:
         """``nrgpt.energy.descent`` over this model's blocks: ``n_steps`` per block (default: the trained
-        number; may be more), early exit at gradient norm ``tol``, activation checkpointing in training
-        when ``checkpoint_steps`` is set."""
+        number; may be more or fewer), early exit at gradient norm ``tol``, activation checkpointing in
+        training when ``checkpoint_steps`` is set, a graph for the last ``backprop_steps`` steps only."""
         return descent(self.blocks, x, self.config.n_steps if n_steps is None else n_steps, cache=cache, tol=tol,
-                       checkpoint_steps=self.config.checkpoint_steps and self.training and torch.is_grad_enabled())
+                       checkpoint_steps=self.config.checkpoint_steps and self.training and torch.is_grad_enabled(),
+                       backprop_steps=backprop_steps)
 
     def body(self, x: torch.Tensor, cache: KVCache | None = None, n_steps: int | None = None,
-             tol: float | None = None) -> torch.Tensor:
-        for step in self.descent(x, cache, n_steps, tol):
+             tol: float | None = None, backprop_steps: int = 0) -> torch.Tensor:
+        for step in self.descent(x, cache, n_steps, tol, backprop_steps):
             x = step.x_next
         return x
 
@@ -200,11 +208,24 @@ class GPT(LanguageModel):
     def step_blocks(self) -> list[nn.Module]:
         return list(self.blocks)
 
-    def body(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def body(self, x: torch.Tensor, cache: KVCache | None = None, n_steps: int | None = None,
+             backprop_steps: int = 0) -> torch.Tensor:
+        """The blocks in turn, ``n_steps`` applications (default: the trained number; another number only for
+        the recurrent 'rgpt' and 'rgpt_parallel'); only the last ``backprop_steps`` record a graph (0: all)."""
+        n = self.config.n_steps if n_steps is None else n_steps
+        if n != self.config.n_steps and not self.config.is_recurrent:
+            raise ValueError(f"model 'gpt' has {self.config.n_steps} distinct layers; it cannot run {n} steps")
         ckpt = self.config.checkpoint_steps and self.training and torch.is_grad_enabled()
-        for t in range(self.config.n_steps):
+        first_graph = first_graph_step(n, backprop_steps)
+        for t in range(n):
             block = self.blocks[t % len(self.blocks)]
-            x = checkpoint(block, x, t, cache, use_reentrant=False) if ckpt else block(x, t, cache)
+            if t < first_graph:
+                with torch.no_grad():
+                    x = block(x, t, cache)
+            elif ckpt:
+                x = checkpoint(block, x, t, cache, use_reentrant=False)
+            else:
+                x = block(x, t, cache)
         return x
 
 

@@ -38,6 +38,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 SCHEDULES = ("cosine", "exponential", "constant")
+STEPS_DISTRIBUTIONS = ("fixed", "lognormal", "uniform")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -92,6 +93,23 @@ class TrainConfig:
     eval_interval  evaluate (and checkpoint) every this many steps, and at the end
     eval_iters     fixed batches per split for evaluation, drawn once from a constant seed
     seed           initialisation, training batches and dropout
+
+    Recurrent steps per iteration (recurrent models only: NRGPT and 'rgpt', 'rgpt_parallel'; evaluation,
+    sampling and ListOps accuracy always run model.n_steps):
+    steps_distribution  'fixed': every iteration runs model.n_steps = n. 'lognormal': iteration it runs
+                   S = clip(round(n exp(steps_sigma z)), steps_min, steps_max) steps, z ~ N(0, 1); the
+                   median of S is n exactly (rounding and clipping keep a median), its mean about
+                   n exp(steps_sigma^2 / 2) before clipping. 'uniform': S uniform on steps_min..steps_max.
+                   z (or S) is drawn from numpy's generator seeded with (seed, it): the same on every rank,
+                   for every micro-step of the iteration, after a resume, and no other random stream moves.
+                   With n_blocks > 1 each block runs S steps. Logged as ``steps`` in the metrics records
+    steps_sigma    the log-normal's standard deviation of log S (> 0)
+    steps_min, steps_max  bounds of S (steps_max 0: 2 x model.n_steps); steps_min <= n <= steps_max
+    backprop_steps truncated backpropagation: only the last k steps of the descent (counted across blocks)
+                   record an autograd graph; the earlier ones run under no_grad and the state entering
+                   the k steps is a constant, so whatever lies before it (the embedding, earlier blocks)
+                   is trained only on iterations with S <= k, or through an FF energy conditioned on the
+                   input embedding (glu). 0: backpropagate through every step
     """
 
     batch_size: int = 64
@@ -109,6 +127,11 @@ class TrainConfig:
     eval_interval: int = 500
     eval_iters: int = 50
     seed: int = 1337
+    steps_distribution: str = "fixed"
+    steps_sigma: float = 0.5
+    steps_min: int = 1
+    steps_max: int = 0
+    backprop_steps: int = 0
 
     def validate(self) -> None:
         _at_least("train", self, "batch_size grad_accum eval_interval eval_iters", 1)
@@ -122,6 +145,35 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             _require(0 <= value < 1, f"train.{name}", value, "must be in [0, 1)")
+        _choice("train", self, "steps_distribution", STEPS_DISTRIBUTIONS)
+        _require(0 < self.steps_sigma < math.inf, "train.steps_sigma", self.steps_sigma, "must be a finite number > 0")
+        _at_least("train", self, "steps_min", 1)
+        _at_least("train", self, "steps_max backprop_steps", 0)
+
+    @property
+    def random_steps(self) -> bool:
+        """A number of recurrent steps drawn per iteration (``steps_distribution`` is not 'fixed')."""
+        return self.steps_distribution != "fixed"
+
+    def steps_bounds(self, n_steps: int) -> tuple[int, int]:
+        """(steps_min, steps_max) for a model of ``n_steps`` steps, steps_max 0 read as 2 x n_steps."""
+        return self.steps_min, self.steps_max or 2 * n_steps
+
+    def check_model(self, mc: ModelConfig) -> None:
+        """The step settings against the model: a number of steps other than n_steps, or a truncated
+        backward, needs a recurrent model, and n_steps must lie within the bounds."""
+        for name, on in (("steps_distribution", self.random_steps), ("backprop_steps", self.backprop_steps > 0)):
+            _require(not on or mc.is_recurrent, f"train.{name}", getattr(self, name),
+                     f"needs a recurrent model, and model.model = {mc.model!r} has n_steps distinct layers; use "
+                     "GPT_Rec, GPT_Rec_parallel or an NRGPT preset")
+        if not self.random_steps:
+            return
+        low, high = self.steps_bounds(mc.n_steps)
+        _require(low <= high, "train.steps_min", low, f"must be <= train.steps_max = {high}"
+                 + ("" if self.steps_max else " (2 x model.n_steps; set train.steps_max)"))
+        if not low <= mc.n_steps <= high:
+            raise ConfigError(f"train.steps_min..steps_max = {low}..{high} must include model.n_steps = {mc.n_steps}, "
+                              "the number of steps evaluation runs")
 
 
 @dataclass
@@ -184,7 +236,7 @@ class RunConfig:
         _require(bool(self.out_dir), "out_dir", self.out_dir, "must name the run directory")
         for name in SECTIONS:
             getattr(self, name).validate()
-        self.model_config()
+        self.train.check_model(self.model_config())
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         """The ModelConfig of ``model``; ``vocab_size`` (the dataset's) fills it in unless it is set."""
