@@ -161,13 +161,12 @@ class TrainConfig:
 
     def check_model(self, mc: ModelConfig) -> None:
         """The step settings against the model: a number of steps other than n_steps, or a truncated
-        backward, needs a recurrent model, and n_steps must lie within the bounds."""
+        backward, needs a recurrent model, and the bounds must hold n_steps (checked for 'fixed' too: bounds
+        that could not be used are a mistake)."""
         for name, on in (("steps_distribution", self.random_steps), ("backprop_steps", self.backprop_steps > 0)):
             _require(not on or mc.is_recurrent, f"train.{name}", getattr(self, name),
                      f"needs a recurrent model, and model.model = {mc.model!r} has n_steps distinct layers; use "
                      "GPT_Rec, GPT_Rec_parallel or an NRGPT preset")
-        if not self.random_steps:
-            return
         low, high = self.steps_bounds(mc.n_steps)
         _require(low <= high, "train.steps_min", low, f"must be <= train.steps_max = {high}"
                  + ("" if self.steps_max else " (2 x model.n_steps; set train.steps_max)"))
