@@ -94,22 +94,22 @@ class TrainConfig:
     eval_iters     fixed batches per split for evaluation, drawn once from a constant seed
     seed           initialisation, training batches and dropout
 
-    Recurrent steps per iteration (recurrent models only: NRGPT and 'rgpt', 'rgpt_parallel'; evaluation,
-    sampling and ListOps accuracy always run model.n_steps):
-    steps_distribution  'fixed': every iteration runs model.n_steps = n. 'lognormal': iteration it runs
-                   S = clip(round(n exp(steps_sigma z)), steps_min, steps_max) steps, z ~ N(0, 1); the
-                   median of S is n exactly (rounding and clipping keep a median), its mean about
-                   n exp(steps_sigma^2 / 2) before clipping. 'uniform': S uniform on steps_min..steps_max.
-                   z (or S) is drawn from numpy's generator seeded with (seed, it): the same on every rank,
-                   for every micro-step of the iteration, after a resume, and no other random stream moves.
-                   With n_blocks > 1 each block runs S steps. Logged as ``steps`` in the metrics records
-    steps_sigma    the log-normal's standard deviation of log S (> 0)
-    steps_min, steps_max  bounds of S (steps_max 0: 2 x model.n_steps); steps_min <= n <= steps_max
-    backprop_steps truncated backpropagation: only the last k steps of the descent (counted across blocks)
-                   record an autograd graph; the earlier ones run under no_grad and the state entering
-                   the k steps is a constant, so whatever lies before it (the embedding, earlier blocks)
-                   is trained only on iterations with S <= k, or through an FF energy conditioned on the
-                   input embedding (glu). 0: backpropagate through every step
+    Recurrent steps per iteration (NRGPT, 'rgpt', 'rgpt_parallel'; the deep 'gpt' refuses all but fixed steps
+    and full backpropagation). Evaluation, sampling and ListOps accuracy always run model.n_steps = n:
+    steps_distribution  'fixed': n steps every iteration. 'lognormal': iteration it runs
+                   S = clip(round(n exp(steps_sigma z)), steps_min, steps_max) steps, z ~ N(0, 1), whose
+                   median is n exactly (rounding and clipping keep a median; the mean is about
+                   n exp(steps_sigma^2 / 2) before clipping). 'uniform': S uniform on steps_min..steps_max
+                   (mean (steps_min + steps_max) / 2). The draw comes from numpy's generator seeded with
+                   (seed, it): the same on every rank and micro-step, the same after a resume, and no other
+                   random stream moves. With n_blocks > 1 each block runs S steps. Logged as ``steps``
+    steps_sigma    standard deviation of log S for 'lognormal' (> 0)
+    steps_min, steps_max  bounds of S (steps_max 0: 2 x n); they must hold n
+    backprop_steps k > 0: truncated backpropagation, only the last k of the S x n_blocks steps record an
+                   autograd graph (the earlier ones run under no_grad: the state entering the k steps is a
+                   constant), so the embedding and earlier blocks learn only on iterations with
+                   S x n_blocks <= k or, the embedding, through an input-conditioned FF energy (glu).
+                   0: backpropagate through every step
     """
 
     batch_size: int = 64
