@@ -269,6 +269,15 @@ CASES = [
     Case("--max-minutes inf", "silent nonsense", lambda c: c.train(c.tmp / "l3") + ["--max-minutes", "inf"],
          "must be a finite number"),
     Case("model.eta_init inf", "silent nonsense", lambda c: c.train(c.tmp / "l4", "model.eta_init=inf"), "finite"),
+    Case("random steps for the deep GPT", "silent nonsense",
+         lambda c: c.train(c.tmp / "rs1", "model.preset=GPT", "train.steps_distribution=lognormal"),
+         "needs a recurrent model"),
+    Case("negative steps_sigma", "silent nonsense",
+         lambda c: c.train(c.tmp / "rs2", "train.steps_distribution=lognormal", "train.steps_sigma=-1"),
+         "train.steps_sigma = -1.0"),
+    Case("steps_min above steps_max", "silent nonsense",
+         lambda c: c.train(c.tmp / "rs3", "train.steps_distribution=uniform", "train.steps_min=5", "train.steps_max=4"),
+         "train.steps_min = 5 must be <= train.steps_max = 4"),
     Case("sweep --dry-run --shard 3/2", "silent nonsense",
          lambda c: ["sweep", _sweep_file(c), "--dry-run", "--shard", "3/2"], "--shard '3/2'"),
     Case("eval batch size 0", "silent nonsense", lambda c: ["eval", str(c.run), "--batch-size", "0"], "out of range"),
@@ -395,7 +404,7 @@ def test_hostile_input_is_one_clean_line(case: Case, ctx: Ctx):
 
 
 def test_fresh_run_dirs_of_refused_inputs_are_not_created(ctx):
-    for name in ("q", "s1", "s2", "t1", "t2", "l1", "l2", "l3", "l4"):
+    for name in ("q", "s1", "s2", "t1", "t2", "l1", "l2", "l3", "l4", "rs1", "rs2", "rs3"):
         assert not (ctx.tmp / name).exists(), name
 
 

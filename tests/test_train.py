@@ -74,7 +74,9 @@ def test_short_run_learns_and_writes_its_run_dir(data_dir, tmp_path):
     steps = [r for r in records(run) if "loss" in r]
     assert [r["iter"] for r in steps] == list(range(60))
     assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in steps)
-    assert (run / "metrics.csv").read_text().splitlines()[0] == "iter,loss,lr,tokens_per_s,elapsed,train_loss,val_loss"
+    header = (run / "metrics.csv").read_text().splitlines()[0]
+    assert header == "iter,loss,lr,tokens_per_s,elapsed,train_loss,val_loss,steps"
+    assert all("steps" not in r for r in records(run))  # fixed steps: the column stays empty
     assert json.loads((run / "result.json").read_text()) == result
     saved = RunConfig.load(run / "config.json")
     assert saved.model["vocab_size"] == json.loads((data_dir / "meta.json").read_text())["vocab_size"]

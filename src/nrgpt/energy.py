@@ -12,12 +12,13 @@ equation, its ``energy`` and its closed-form ``grad`` (docs/model.md lists them)
 
 ``descent`` is eq. 6 written once: an iterator over the steps of one or more blocks (recursive blocks:
 each applied n_steps times in turn) that yields what each step computed. The forward pass, cached
-decoding, ``NRGPT.energy_trajectory``, the dynamics recorder, early exit (a gradient-norm tolerance) and
-activation checkpointing all run it.
+decoding, ``NRGPT.energy_trajectory``, the dynamics recorder, early exit (a gradient-norm tolerance),
+activation checkpointing and truncated backpropagation (a graph for the last k steps only) all run it.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -151,31 +152,52 @@ class DescentStep:
         return self.block.energy(self.g, cond=self.cond)
 
 
+def first_graph_step(n_total: int, backprop_steps: int) -> int:
+    """The first of ``n_total`` steps that records an autograd graph when only the last ``backprop_steps``
+    do (truncated backpropagation); 0 (every step) when ``backprop_steps`` is 0 or >= ``n_total``."""
+    return max(0, n_total - backprop_steps) if backprop_steps > 0 else 0
+
+
+def truncated_state(x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """The state entering the first recorded step of truncated backpropagation: the value x^(S-k), with
+    the gradient reaching x^(0) as if the truncated steps were the identity, x^(0) + sg(x^(S-k) - x^(0))
+    (a Jacobian-free backward through them), so that the embeddings keep learning."""
+    return x0 + (x - x0).detach()
+
+
 def descent(
     blocks: Sequence[EnergyBlock], x: torch.Tensor, n_steps: int, *, cache: KVCache | None = None,
-    tol: float | None = None, checkpoint_steps: bool = False,
+    tol: float | None = None, checkpoint_steps: bool = False, backprop_steps: int = 0,
 ) -> Iterator[DescentStep]:
     """Run eq. 6 from x^(0) = ``x``: each block in turn, ``n_steps`` steps each; yield every step.
 
     ``tol`` (early exit): a token stops for good once ||dE_A/dg_A|| < tol; its state is kept, and it keeps
     serving as a key (with that state) for later tokens. The freeze depends only on the token's own
     gradient, which depends on tokens B <= A, so causality holds. ``checkpoint_steps``: recompute each
-    step's activations in the backward pass instead of storing them (same results).
+    step's activations in the backward pass instead of storing them (same results). ``backprop_steps`` = k
+    > 0 (truncated backpropagation): of the len(blocks) x n_steps steps, counted across blocks, only the
+    last k record an autograd graph; the earlier ones run under ``torch.no_grad``, and the state entering
+    the first recorded step is ``truncated_state`` (gradient to x^(0) through the identity). The FF
+    conditioning norm(x^(0)) keeps its graph.
     """
     x0 = x
     active = None if tol is None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-    index = 0
+    index, first_graph = 0, first_graph_step(len(blocks) * n_steps, backprop_steps)
     for block in blocks:
         cond = block.norm(x0) if block.input_conditioned else None
         for t in range(n_steps):
-            if checkpoint_steps:
-                g, c, grad, delta = checkpoint(block.move, x, t, cache, index, cond, use_reentrant=False)
-            else:
-                g, c, grad, delta = block.move(x, t, cache, index, cond)
-            if active is None:
-                x_next = x - delta
-            else:
-                active = active & (grad.norm(dim=-1) >= tol)
-                x_next = torch.where(active[..., None], x - delta, x)
+            graph = index >= first_graph
+            if index == first_graph > 0:
+                x = truncated_state(x, x0)
+            with contextlib.nullcontext() if graph else torch.no_grad():
+                if checkpoint_steps and graph:
+                    g, c, grad, delta = checkpoint(block.move, x, t, cache, index, cond, use_reentrant=False)
+                else:
+                    g, c, grad, delta = block.move(x, t, cache, index, cond)
+                if active is None:
+                    x_next = x - delta
+                else:
+                    active = active & (grad.norm(dim=-1) >= tol)
+                    x_next = torch.where(active[..., None], x - delta, x)
             yield DescentStep(index, block, x, g, c, grad, x_next, active)
             x, index = x_next, index + 1

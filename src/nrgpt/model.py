@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .decoding import KVCache, compile_decode, decode, forward_cached, generate
-from .energy import DescentStep, EnergyBlock, descent
+from .energy import DescentStep, EnergyBlock, descent, first_graph_step, truncated_state
 from .layers import TransformerBlock
 
 
@@ -59,16 +59,19 @@ class LanguageModel(nn.Module):
         pos = torch.arange(start, start + t, device=idx.device)
         return self.tok_emb(idx) + self.pos_emb(pos)
 
-    def body(self, x: torch.Tensor, cache: KVCache | None = None, n_steps: int | None = None) -> torch.Tensor:
+    def body(self, x: torch.Tensor, cache: KVCache | None = None, n_steps: int | None = None,
+             backprop_steps: int = 0) -> torch.Tensor:
         """The states after the model's steps from the embeddings x; ``n_steps`` (recurrent models only)
-        runs another number of steps than the trained one."""
+        runs another number of steps than the trained one; ``backprop_steps`` = k > 0: only the last k
+        steps record an autograd graph (truncated backpropagation; ``nrgpt.energy.truncated_state``)."""
         raise NotImplementedError
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, **steps: Any
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """logits (B, T, vocab) and the mean cross-entropy against ``targets`` (ignore_index -1). ``steps``
-        go to ``body``: ``n_steps`` (recurrent models), and for NRGPT also the early-exit ``tol``."""
+        go to ``body``: ``n_steps`` and ``backprop_steps`` (recurrent models; training with a random
+        number of steps, ``train.steps_distribution``, passes both), for NRGPT also the early-exit ``tol``."""
         logits = self.lm_head(self.ln_f(self.body(self.embed(idx), **steps)))
         loss = None
         if targets is not None:
@@ -134,16 +137,17 @@ class NRGPT(LanguageModel):
         return list(self.blocks)
 
     def descent(self, x: torch.Tensor, cache: KVCache | None = None, n_steps: int | None = None,
-                tol: float | None = None) -> Iterator[DescentStep]:
+                tol: float | None = None, backprop_steps: int = 0) -> Iterator[DescentStep]:
         """``nrgpt.energy.descent`` over this model's blocks: ``n_steps`` per block (default: the trained
-        number; may be more), early exit at gradient norm ``tol``, activation checkpointing in training
-        when ``checkpoint_steps`` is set."""
+        number; may be more or fewer), early exit at gradient norm ``tol``, activation checkpointing in
+        training when ``checkpoint_steps`` is set, a graph for the last ``backprop_steps`` steps only."""
         return descent(self.blocks, x, self.config.n_steps if n_steps is None else n_steps, cache=cache, tol=tol,
-                       checkpoint_steps=self.config.checkpoint_steps and self.training and torch.is_grad_enabled())
+                       checkpoint_steps=self.config.checkpoint_steps and self.training and torch.is_grad_enabled(),
+                       backprop_steps=backprop_steps)
 
     def body(self, x: torch.Tensor, cache: KVCache | None = None, n_steps: int | None = None,
-             tol: float | None = None) -> torch.Tensor:
-        for step in self.descent(x, cache, n_steps, tol):
+             tol: float | None = None, backprop_steps: int = 0) -> torch.Tensor:
+        for step in self.descent(x, cache, n_steps, tol, backprop_steps):
             x = step.x_next
         return x
 
@@ -204,18 +208,29 @@ class GPT(LanguageModel):
     def step_blocks(self) -> list[nn.Module]:
         return list(self.blocks)
 
-    def body(self, x: torch.Tensor, cache: KVCache | None = None, n_steps: int | None = None) -> torch.Tensor:
+    def body(self, x: torch.Tensor, cache: KVCache | None = None, n_steps: int | None = None,
+             backprop_steps: int = 0) -> torch.Tensor:
         """The blocks in turn ('gpt'), or the one block ``n_steps`` times (default: the trained number; the
-        recurrent baselines may run more or fewer; a step t beyond the trained ones uses cache slot t)."""
-        if n_steps is None:
-            n_steps = self.config.n_steps
-        elif n_steps != self.config.n_steps and not self.config.is_recurrent:
-            raise ValueError(f"a deep 'gpt' has {self.config.n_steps} distinct layers and cannot run {n_steps} "
+        recurrent baselines may run more or fewer; a step t beyond the trained ones uses cache slot t);
+        only the last ``backprop_steps`` record a graph (0: all)."""
+        n = self.config.n_steps if n_steps is None else n_steps
+        if n != self.config.n_steps and not self.config.is_recurrent:
+            raise ValueError(f"a deep 'gpt' has {self.config.n_steps} distinct layers and cannot run {n} "
                              "steps; only the recurrent models (nrgpt, rgpt, rgpt_parallel) can")
         ckpt = self.config.checkpoint_steps and self.training and torch.is_grad_enabled()
-        for t in range(n_steps):
+        first_graph = first_graph_step(n, backprop_steps)
+        x0 = x
+        for t in range(n):
             block = self.blocks[t % len(self.blocks)]
-            x = checkpoint(block, x, t, cache, use_reentrant=False) if ckpt else block(x, t, cache)
+            if t == first_graph > 0:
+                x = truncated_state(x, x0)
+            if t < first_graph:
+                with torch.no_grad():
+                    x = block(x, t, cache)
+            elif ckpt:
+                x = checkpoint(block, x, t, cache, use_reentrant=False)
+            else:
+                x = block(x, t, cache)
         return x
 
 

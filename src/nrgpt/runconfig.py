@@ -38,6 +38,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 SCHEDULES = ("cosine", "exponential", "constant")
+STEPS_DISTRIBUTIONS = ("fixed", "lognormal", "uniform")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -92,6 +93,22 @@ class TrainConfig:
     eval_interval  evaluate (and checkpoint) every this many steps, and at the end
     eval_iters     fixed batches per split for evaluation, drawn once from a constant seed
     seed           initialisation, training batches and dropout
+
+    Recurrent steps per iteration (NRGPT, 'rgpt', 'rgpt_parallel'; the deep 'gpt' refuses all but fixed steps
+    and full backpropagation). Evaluation, sampling and ListOps accuracy always run model.n_steps = n:
+    steps_distribution  'fixed': n steps every iteration. 'lognormal': iteration it runs
+                   S = clip(round(n exp(steps_sigma z)), steps_min, steps_max) steps, z ~ N(0, 1), whose
+                   median is n exactly (rounding and clipping keep a median; the mean is about
+                   n exp(steps_sigma^2 / 2) before clipping). 'uniform': S uniform on steps_min..steps_max
+                   (mean (steps_min + steps_max) / 2). The draw comes from numpy's generator seeded with
+                   (seed, it): the same on every rank and micro-step, the same after a resume, and no other
+                   random stream moves. With n_blocks > 1 each block runs S steps. Logged as ``steps``
+    steps_sigma    standard deviation of log S for 'lognormal' (> 0)
+    steps_min, steps_max  bounds of S (steps_max 0: 2 x n); they must hold n
+    backprop_steps k > 0: truncated backpropagation, only the last k of the S x n_blocks steps record an
+                   autograd graph; the earlier ones run under no_grad, and the gradient reaches the
+                   embeddings through them as through the identity (``nrgpt.energy.truncated_state``).
+                   0: backpropagate through every step
     """
 
     batch_size: int = 64
@@ -109,6 +126,11 @@ class TrainConfig:
     eval_interval: int = 500
     eval_iters: int = 50
     seed: int = 1337
+    steps_distribution: str = "fixed"
+    steps_sigma: float = 0.5
+    steps_min: int = 1
+    steps_max: int = 0
+    backprop_steps: int = 0
 
     def validate(self) -> None:
         _at_least("train", self, "batch_size grad_accum eval_interval eval_iters", 1)
@@ -122,6 +144,34 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             _require(0 <= value < 1, f"train.{name}", value, "must be in [0, 1)")
+        _choice("train", self, "steps_distribution", STEPS_DISTRIBUTIONS)
+        _require(0 < self.steps_sigma < math.inf, "train.steps_sigma", self.steps_sigma, "must be a finite number > 0")
+        _at_least("train", self, "steps_min", 1)
+        _at_least("train", self, "steps_max backprop_steps", 0)
+
+    @property
+    def random_steps(self) -> bool:
+        """A number of recurrent steps drawn per iteration (``steps_distribution`` is not 'fixed')."""
+        return self.steps_distribution != "fixed"
+
+    def steps_bounds(self, n_steps: int) -> tuple[int, int]:
+        """(steps_min, steps_max) for a model of ``n_steps`` steps, steps_max 0 read as 2 x n_steps."""
+        return self.steps_min, self.steps_max or 2 * n_steps
+
+    def check_model(self, mc: ModelConfig) -> None:
+        """The step settings against the model: a number of steps other than n_steps, or a truncated
+        backward, needs a recurrent model, and the bounds must hold n_steps (checked for 'fixed' too: bounds
+        that could not be used are a mistake)."""
+        for name, on in (("steps_distribution", self.random_steps), ("backprop_steps", self.backprop_steps > 0)):
+            _require(not on or mc.is_recurrent, f"train.{name}", getattr(self, name),
+                     f"needs a recurrent model, and model.model = {mc.model!r} has n_steps distinct layers; use "
+                     "GPT_Rec, GPT_Rec_parallel or an NRGPT preset")
+        low, high = self.steps_bounds(mc.n_steps)
+        _require(low <= high, "train.steps_min", low, f"must be <= train.steps_max = {high}"
+                 + ("" if self.steps_max else " (2 x model.n_steps; set train.steps_max)"))
+        if not low <= mc.n_steps <= high:
+            raise ConfigError(f"train.steps_min..steps_max = {low}..{high} must include model.n_steps = {mc.n_steps}, "
+                              "the number of steps evaluation runs")
 
 
 @dataclass
@@ -184,7 +234,7 @@ class RunConfig:
         _require(bool(self.out_dir), "out_dir", self.out_dir, "must name the run directory")
         for name in SECTIONS:
             getattr(self, name).validate()
-        self.model_config()
+        self.train.check_model(self.model_config())
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         """The ModelConfig of ``model``; ``vocab_size`` (the dataset's) fills it in unless it is set."""

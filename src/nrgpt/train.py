@@ -13,10 +13,15 @@ the run directory gets ``last`` (resumable) and, on a new best validation loss, 
 every rank's RNG, so on a CPU it continues bitwise as if never interrupted. A non-finite loss or
 gradient stops the run with ``DivergenceError`` before anything is saved, so ``last`` stays good.
 
+A recurrent model may run a random number of steps per iteration (``train.steps_distribution``,
+``steps_sampler``: a function of the seed and the iteration, so resume and DDP need no extra state) and
+backpropagate through the last ``train.backprop_steps`` of them only; evaluation runs ``model.n_steps``.
+
 Run directory: ``config.json`` (the resolved config), ``metrics.jsonl`` and ``metrics.csv`` (one
-record per log step: iter, loss, lr, tokens_per_s, elapsed; one per evaluation: iter, lr, elapsed,
-train_loss, val_loss), ``last/``, ``best/``, ``result.json`` (the value ``train`` returns, with its
-status) and ``tensorboard/`` when asked for.
+record per log step: iter, loss, lr, tokens_per_s, elapsed, and with random steps the iteration's
+number of steps, steps; one per evaluation: iter, lr, elapsed, train_loss, val_loss), ``last/``,
+``best/``, ``result.json`` (the value ``train`` returns, with its status) and ``tensorboard/`` when
+asked for.
 """
 
 from __future__ import annotations
@@ -30,9 +35,11 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -69,6 +76,35 @@ def lr_at(it: int, tc: TrainConfig, elapsed: float = 0.0) -> float:
     if tc.schedule == "exponential":
         return tc.lr * (tc.min_lr / tc.lr) ** progress
     return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
+
+
+def steps_sampler(tc: TrainConfig, n_steps: int) -> Callable[[int], int]:
+    """The number of recurrent steps S of each iteration, as a function of the iteration ``it``; chosen once,
+    when training starts (``train.steps_distribution``, see ``TrainConfig``):
+
+        fixed      S = n_steps
+        lognormal  S = clip(round(n_steps exp(sigma z)), steps_min, steps_max),  z ~ N(0, 1)
+                   (median n_steps exactly; sigma z is capped at log(steps_max / n_steps) before the exp,
+                   which changes nothing after the clip and cannot overflow)
+        uniform    S ~ U{steps_min, ..., steps_max}
+
+    z and S come from a numpy generator of their own seeded with (train.seed, it): every rank and every
+    micro-step of an iteration gets the same S, a resumed run the same S as an uninterrupted one, and the
+    torch random streams (initialisation, batches, dropout) do not move."""
+    low, high = tc.steps_bounds(n_steps)
+    sigma, seed = tc.steps_sigma, tc.seed
+
+    def fixed(it: int) -> int:
+        return n_steps
+
+    def lognormal(it: int) -> int:
+        z = np.random.default_rng([seed, it]).standard_normal()
+        return min(max(round(n_steps * math.exp(min(sigma * z, math.log(high / n_steps)))), low), high)
+
+    def uniform(it: int) -> int:
+        return int(np.random.default_rng([seed, it]).integers(low, high, endpoint=True))
+
+    return {"fixed": fixed, "lognormal": lognormal, "uniform": uniform}[tc.steps_distribution]
 
 
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -184,6 +220,8 @@ class Trainer:
         self.train_stream = TokenStream(config.data.dir, "train")
         self.data_gen = torch.Generator().manual_seed(tc.seed)
         self.eval_batches = self._draw_eval_batches(model_config.block_size)
+        self.draw_steps = steps_sampler(tc, model_config.n_steps)
+        self.log_steps, self.steps = tc.random_steps, model_config.n_steps  # steps: those of the last iteration
         self.start_iter, self.best_val, self.elapsed0 = 0, math.inf, 0.0
         self.losses: dict[str, float] = {}  # of the last evaluation
         self.resumed = resume_from is not None
@@ -194,8 +232,12 @@ class Trainer:
         self.model = self.raw_model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
+            # Random or truncated steps leave parameters out of some iterations' graphs (eta^(t) of steps not
+            # taken, the embedding before a truncation): DDP must look for them each iteration.
+            unused = tc.random_steps or tc.backprop_steps > 0
             self.model = torch.nn.parallel.DistributedDataParallel(self.raw_model, device_ids=ids,
-                                                                   broadcast_buffers=False)
+                                                                   broadcast_buffers=False,
+                                                                   find_unused_parameters=unused)
         self.tokens_per_step = tc.batch_size * tc.grad_accum * self.dist.world_size * model_config.block_size
         self.bad = torch.zeros((), dtype=torch.bool, device=self.device)
         self.last_loss = torch.zeros((), device=self.device)
@@ -298,13 +340,14 @@ class Trainer:
         self.lr = lr = lr_at(it, tc, self.elapsed())
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        self.steps = steps = self.draw_steps(it)
         total = torch.zeros((), device=self.device)
         for micro in range(tc.grad_accum):
             defer_sync = self.dist.enabled and micro < tc.grad_accum - 1
             with self.model.no_sync() if defer_sync else contextlib.nullcontext():
                 x, y = self.batch()
                 with self._autocast():
-                    _, loss = self.model(x, y)
+                    _, loss = self.model(x, y, n_steps=steps, backprop_steps=tc.backprop_steps)
                 (loss / tc.grad_accum).backward()
             total += loss.detach().float()
         total /= tc.grad_accum
@@ -393,8 +436,11 @@ class Trainer:
         self.last_log = (it + 1, now)
         if self.main:
             lr = self.lr
-            self.log.write({"iter": it, "loss": loss, "lr": lr, "tokens_per_s": round(tokens_per_s, 1),
-                            "elapsed": round(self.elapsed(), 3)})
+            record = {"iter": it, "loss": loss, "lr": lr, "tokens_per_s": round(tokens_per_s, 1),
+                      "elapsed": round(self.elapsed(), 3)}
+            if self.log_steps:
+                record["steps"] = self.steps
+            self.log.write(record)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
         return "max_minutes" if over_time else "signal" if signalled else None
 
