@@ -170,6 +170,27 @@ def test_sample_command(run_dir):
     assert sep and first.startswith("The") and second.startswith("The") and len(first) == 23
 
 
+def test_sample_command_with_early_exit(run_dir, data_dir, tmp_path, capsys):
+    def sample(run: Path, *options: str) -> tuple[int, str, str]:
+        code = cli.main(["sample", str(run), "--prompt", "The", "--greedy", "--max-new-tokens", "12", "--device",
+                         "cpu", *options])
+        return code, *capsys.readouterr()
+
+    plain = sample(run_dir)
+    assert plain[0] == 0 and sample(run_dir, "--early-exit", "0") == plain
+    model, _ = checkpoint.load_model(run_dir)
+    tok = load_tokenizer(data_dir)
+    expected = generate_text(model, tok, "The", max_new_tokens=12, greedy=True, tol=1e9, n_steps=4)
+    assert sample(run_dir, "--early-exit", "1e9", "--early-exit-steps", "4") == (0, expected[0] + "\n", "")
+    gpt = tiny_config(data_dir, tmp_path / "gpt", "model.preset=GPT_Rec_parallel", f"model.vocab_size={tok.vocab_size}")
+    checkpoint.save_checkpoint(tmp_path / "gpt" / "best", build_model(gpt.model_config()), gpt, {"iter": 0})
+    assert sample(tmp_path / "gpt", "--early-exit", "0.1") == (2, "", f"nrgpt: error: --early-exit needs an NRGPT "
+                                                              f"model; {tmp_path / 'gpt'} holds a 'rgpt_parallel' "
+                                                              "model, which has no energy descent\n")
+    assert sample(run_dir, "--early-exit-steps", "4")[2] == ("nrgpt: error: --early-exit-steps is the most steps under "
+                                                             "early exit: give --early-exit TOL too\n")
+
+
 def test_eval_command_uses_the_whole_split(run_dir, data_dir, capsys):
     assert cli.main(["eval", str(run_dir), "--device", "cpu"]) == 0
     out = dict(line.split(": ") for line in capsys.readouterr().out.splitlines())
