@@ -285,8 +285,8 @@ def test_dynamics_command(listops_dir, tmp_path, capsys):
     samples = load_listops_samples(listops_dir)
     model = tiny(vocab_size=samples.tokenizer.vocab_size, block_size=64).float()
     config = RunConfig(out_dir=str(tmp_path / "run"), data=DataConfig(dir=str(listops_dir)),
-                       model={"preset": "NRGPT_P_FF2W", "vocab_size": samples.tokenizer.vocab_size,
-                              "block_size": 64, "n_embd": 16, "n_head": 2, "n_steps": 3})
+                       model=ModelConfig.preset("NRGPT_P_FF2W", vocab_size=samples.tokenizer.vocab_size, block_size=64,
+                                                n_embd=16, n_head=2, n_steps=3))
     save_checkpoint(tmp_path / "run" / "best", model, config, {"iter": 0})
     out = tmp_path / "dyn"
     code = cli_main(["dynamics", str(tmp_path / "run"), "--data", str(listops_dir), "--batch", "2", "--length", "20",
