@@ -32,6 +32,8 @@ Sweep file (TOML)
 A grid axis is a dotted run-config key with a list of values, or any name with a list of tables: the
 settings in one table change together (a learning rate with its min_lr). Every combination is checked
 as a full run config when the file is read, so a bad key or value fails before anything is trained.
+A file that ``extends`` another overrides it table by table: a grid axis it lists replaces that axis
+(a trimmed sweep lists fewer sizes); it cannot remove an axis.
 
 Model options and the grid's models: each run's config is two layers (``nrgpt.runconfig``), ``[base]``
 (over its run preset) below the run's grid settings. A grid point that sets ``model.preset`` picks its
@@ -41,8 +43,6 @@ may set NRGPT options (``model.mask``, ``model.eta``, ...) for a grid of NRGPT p
 model: an NRGPT option in a grid point of a GPT baseline is an error. To vary an NRGPT option over the
 NRGPT models only, give it in the tables of one axis, beside their presets:
 ``model = [{model.preset = "NRGPT_H_FF1", model.mask = "strict"}, {model.preset = "GPT_Rec_parallel"}]``.
-A file that ``extends`` another overrides it table by table: a grid axis it lists replaces that axis
-(a trimmed sweep lists fewer sizes); it cannot remove an axis.
 
 Sweep directory
 ---------------
