@@ -51,8 +51,8 @@ def generate_text(model: LanguageModel, tokenizer: Tokenizer, prompt: str = "", 
     """``num_samples`` continuations of ``prompt`` (each returned with its prompt, cropped to the block).
 
     An empty prompt starts from the end-of-sequence token (token 0 if the vocabulary has none), which is
-    then not part of the text. DataError if the prompt holds symbols outside the vocabulary. ``tol`` and
-    ``n_steps``: early-exit decoding of an NRGPT model (``generate``).
+    then not part of the text. DataError if the prompt holds symbols outside the vocabulary. ``tol``
+    (NRGPT: early exit) and ``n_steps``: ``generate``'s step options.
     """
     check_sampling(temperature, top_k, top_p, greedy, num_samples, max_new_tokens)
     ids = tokenizer.encode(prompt) if prompt else []
