@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nrgpt import ConfigError, build_model, checkpoint, cli
+from nrgpt import ConfigError, ModelConfig, build_model, checkpoint, cli
 from nrgpt.data import DataError, load_tokenizer
 from nrgpt.evaluate import split_loss
 from nrgpt.runconfig import RunConfig, load_preset, preset_names, resolve_config
@@ -41,9 +41,9 @@ def test_every_shipped_preset_resolves():
 
 def test_paper_presets():
     gpt = resolve_config("shakespeare-gpt")
-    assert gpt.model_config().model == "gpt" and (gpt.train.lr, gpt.train.min_lr) == (5e-3, 5e-4)
-    assert (gpt.model["n_steps"], gpt.model["n_head"], gpt.model["n_embd"]) == (8, 4, 64)
-    assert (gpt.model["block_size"], gpt.model["dropout"], gpt.train.batch_size) == (256, 0.1, 64)
+    assert gpt.model.model == "gpt" and (gpt.train.lr, gpt.train.min_lr) == (5e-3, 5e-4)
+    assert (gpt.model.n_steps, gpt.model.n_head, gpt.model.n_embd) == (8, 4, 64)
+    assert (gpt.model.block_size, gpt.model.dropout, gpt.train.batch_size) == (256, 0.1, 64)
     assert (gpt.train.beta2, gpt.train.warmup_iters, gpt.train.max_iters) == (0.99, 100, 40000)
     owt = resolve_config("owt-nrgpt").train
     assert (owt.batch_size, owt.grad_accum, owt.eval_interval, owt.eval_iters) == (12, 40, 1000, 200)
@@ -57,7 +57,7 @@ def test_toml_yaml_extends_and_overrides(tmp_path):
                                        "model:\n  preset: GPT\n")
     config = resolve_config(str(tmp_path / "run.yaml"), ["train.lr=3e-3", "model.n_head=2", "system.compile=true"])
     assert (config.train.lr, config.train.min_lr, config.train.batch_size) == (3e-3, 1e-5, 8)
-    assert config.model == {"preset": "GPT", "block_size": 256, "dropout": 0.1, "n_embd": 64, "n_head": 2}
+    assert config.model == ModelConfig.preset("GPT", vocab_size=None, block_size=256, dropout=0.1, n_embd=64, n_head=2)
     assert config.train.max_iters == 40000 and config.system.compile is True
     assert load_preset(str(tmp_path / "run.yaml"))["train"]["min_lr"] == 1e-5  # a float, not the string '1e-5'
     assert RunConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
@@ -66,7 +66,8 @@ def test_toml_yaml_extends_and_overrides(tmp_path):
 def test_saved_config_round_trips(run_dir):
     saved = json.loads((run_dir / "config.json").read_text())
     assert RunConfig.from_dict(saved).to_dict() == saved
-    assert set(saved["model"]) == {"preset", *json.loads(json.dumps(RunConfig().model_config().to_dict()))}
+    assert saved["model"] == RunConfig.load(run_dir / "config.json").model.to_dict()
+    assert set(saved["model"]) == set(ModelConfig.setting_types()) and saved["model"]["vocab_size"] > 0
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -168,6 +169,27 @@ def test_sample_command(run_dir):
     assert proc.returncode == 0, proc.stderr
     first, sep, second = proc.stdout.rstrip("\n").partition("\n" + "-" * 40 + "\n")
     assert sep and first.startswith("The") and second.startswith("The") and len(first) == 23
+
+
+def test_sample_command_with_early_exit(run_dir, data_dir, tmp_path, capsys):
+    def sample(run: Path, *options: str) -> tuple[int, str, str]:
+        code = cli.main(["sample", str(run), "--prompt", "The", "--greedy", "--max-new-tokens", "12", "--device",
+                         "cpu", *options])
+        return code, *capsys.readouterr()
+
+    plain = sample(run_dir)
+    assert plain[0] == 0 and sample(run_dir, "--early-exit", "0") == plain
+    model, _ = checkpoint.load_model(run_dir)
+    tok = load_tokenizer(data_dir)
+    expected = generate_text(model, tok, "The", max_new_tokens=12, greedy=True, tol=1e9, n_steps=4)
+    assert sample(run_dir, "--early-exit", "1e9", "--early-exit-steps", "4") == (0, expected[0] + "\n", "")
+    gpt = tiny_config(data_dir, tmp_path / "gpt", "model.preset=GPT_Rec_parallel", f"model.vocab_size={tok.vocab_size}")
+    checkpoint.save_checkpoint(tmp_path / "gpt" / "best", build_model(gpt.model_config()), gpt, {"iter": 0})
+    assert sample(tmp_path / "gpt", "--early-exit", "0.1") == (2, "", f"nrgpt: error: --early-exit needs an NRGPT "
+                                                              f"model; {tmp_path / 'gpt'} holds a 'rgpt_parallel' "
+                                                              "model, which has no energy descent\n")
+    assert sample(run_dir, "--early-exit-steps", "4")[2] == ("nrgpt: error: --early-exit-steps is the most steps under "
+                                                             "early exit: give --early-exit TOL too\n")
 
 
 def test_eval_command_uses_the_whole_split(run_dir, data_dir, capsys):

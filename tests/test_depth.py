@@ -91,6 +91,17 @@ def test_k_steps_are_a_hand_built_k_step_forward_full_and_cached(preset, overrid
         torch.testing.assert_close(torch.stack(last, 1), at(idx)[0][:, 4:], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("preset, overrides", RECURRENT, ids=[p for p, _ in RECURRENT])
+def test_generate_at_k_steps_is_greedy_decoding_by_full_recomputation(preset, overrides):
+    model = tiny(preset, **overrides)
+    idx = torch.randint(0, 13, (2, 4), generator=torch.Generator().manual_seed(2))
+    expected = idx
+    with torch.no_grad():
+        for _ in range(20):  # past the block of 16: the window slides
+            expected = torch.cat([expected, hand_logits(model, expected[:, -16:], 7)[:, -1:].argmax(-1)], 1)
+    assert torch.equal(model.generate(idx, 20, greedy=True, n_steps=7), expected)
+
+
 def hand_greedy(model: nn.Module, prompt: list[int], k: int, eos: int, budget: int) -> list[int]:
     """Greedy decoding by full recomputation of the hand-built k-step forward (at most ``budget`` tokens, and
     no more than the block holds)."""

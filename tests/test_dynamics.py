@@ -197,6 +197,48 @@ def test_cached_early_exit_decoding_equals_full_recomputation():
     torch.testing.assert_close(torch.stack(last, 1), full[:, 3:], rtol=0, atol=1e-12)
 
 
+def greedy_by_recomputation(logits_of, idx: torch.Tensor, n: int, block: int = 16) -> torch.Tensor:
+    """Greedy decoding by hand: the whole (cropped) context through ``logits_of`` for every new token."""
+    with torch.no_grad():
+        for _ in range(n):
+            idx = torch.cat([idx, logits_of(idx[:, -block:])[:, -1].argmax(-1, keepdim=True)], 1)
+    return idx
+
+
+@pytest.mark.parametrize("mask", ["strict", "inclusive"])
+def test_early_exit_generate(mask):
+    """``generate(tol=, n_steps=)``: tol 0 is plain decoding, a huge tol the zero-step model, and a middle tol
+    greedy decoding by full recomputation under ``model.run(context, n_steps, tol)``, past the block of 16."""
+    model, prompt = tiny(mask=mask), tokens(2, 4)
+    plain = model.generate(prompt, 20, greedy=True)
+    assert torch.equal(model.generate(prompt, 20, greedy=True, tol=0.0), plain)
+    zero_step = greedy_by_recomputation(lambda x: model.lm_head(model.ln_f(model.embed(x))), prompt, 20)
+    assert torch.equal(model.generate(prompt, 20, greedy=True, tol=1e30), zero_step)
+    tol = mid_tolerance(model, plain[:, -16:])
+    expected = greedy_by_recomputation(lambda x: model.run(x, 8, tol)[0], prompt, 20)
+    assert torch.equal(model.generate(prompt, 20, greedy=True, n_steps=8, tol=tol), expected)
+    assert torch.equal(model.generate(prompt, 20, greedy=True, n_steps=8, tol=tol, use_cache=False), expected)
+    steps = model.run(expected[:, -16:], 8, tol)[1]
+    assert (steps < 8).any() and (steps > 0).any()  # some tokens exit early, others descend
+
+
+def test_static_cache_early_exit_decoding_equals_the_growing_cache():
+    """What a CUDA graph replays under early exit (``KVCache(static=True)``) is the growing cache's decoding."""
+    model, idx = tiny(), tokens(2, 12)
+    descent = {"n_steps": 8, "tol": mid_tolerance(model, idx)}
+    caches = KVCache(16), KVCache(16, static=True)
+    for cache in caches:
+        model.forward_cached(idx[:, :3], cache, **descent)
+    for i in range(3, 12):
+        growing, static = (model.forward_cached(idx[:, i:i + 1], c, **descent) for c in caches)
+        torch.testing.assert_close(static, growing, rtol=0, atol=1e-12)
+
+
+def test_early_exit_generate_needs_an_energy_model():
+    with pytest.raises(ValueError, match=r"early-exit decoding \(tol\) needs an NRGPT model; this is a 'rgpt_par"):
+        tiny("GPT_Rec_parallel").generate(tokens(1, 3), 2, tol=0.1)
+
+
 def test_early_exit_curves_on_language_batches():
     model = tiny()
     batches = [(tokens(2, 9, seed=s)[:, :-1], tokens(2, 9, seed=s)[:, 1:]) for s in range(2)]
@@ -243,8 +285,8 @@ def test_dynamics_command(listops_dir, tmp_path, capsys):
     samples = load_listops_samples(listops_dir)
     model = tiny(vocab_size=samples.tokenizer.vocab_size, block_size=64).float()
     config = RunConfig(out_dir=str(tmp_path / "run"), data=DataConfig(dir=str(listops_dir)),
-                       model={"preset": "NRGPT_P_FF2W", "vocab_size": samples.tokenizer.vocab_size,
-                              "block_size": 64, "n_embd": 16, "n_head": 2, "n_steps": 3})
+                       model=ModelConfig.preset("NRGPT_P_FF2W", vocab_size=samples.tokenizer.vocab_size, block_size=64,
+                                                n_embd=16, n_head=2, n_steps=3))
     save_checkpoint(tmp_path / "run" / "best", model, config, {"iter": 0})
     out = tmp_path / "dyn"
     code = cli_main(["dynamics", str(tmp_path / "run"), "--data", str(listops_dir), "--batch", "2", "--length", "20",

@@ -205,8 +205,8 @@ def _saved_run(listops_dir: Path, run_dir: Path) -> nn.Module:
     tok = load_tokenizer(listops_dir)
     model = _tiny_model("nrgpt", tok.vocab_size).float()
     config = RunConfig(out_dir=str(run_dir), data=DataConfig(dir=str(listops_dir)),
-                       model={"preset": "NRGPT_P_FF2W", "vocab_size": tok.vocab_size, "block_size": 24,
-                              "n_embd": 16, "n_head": 2, "n_steps": 3})
+                       model=ModelConfig.preset("NRGPT_P_FF2W", vocab_size=tok.vocab_size, block_size=24, n_embd=16,
+                                                n_head=2, n_steps=3))
     save_checkpoint(run_dir / "best", model, config, {"iter": 0})
     return model
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import textwrap
 from pathlib import Path
@@ -91,9 +92,9 @@ def test_grid_expands_to_every_combination_with_readable_slugs(tmp_path):
     assert last.slug == "GPT_Rec_parallel-n_embd32-lr0.0003-min_lr2e-5"
     assert len({p.slug for p in sweep.points}) == len(sweep.points)
     cfg = last.config
-    assert (cfg.model["preset"], cfg.model["n_embd"], cfg.train.lr, cfg.train.min_lr) == ("GPT_Rec_parallel", 32,
-                                                                                          3e-4, 2e-5)
-    assert cfg.train.max_iters == 8 and cfg.model["n_steps"] == 2  # budget and base applied
+    assert (cfg.model.preset_name, cfg.model.n_embd, cfg.train.lr, cfg.train.min_lr) == ("GPT_Rec_parallel", 32,
+                                                                                         3e-4, 2e-5)
+    assert cfg.train.max_iters == 8 and cfg.model.n_steps == 2  # budget and base applied
     assert Path(cfg.out_dir) == tmp_path / "sw" / "runs" / last.slug
     assert [p.slug for p in sweep.shard(1, 5)] == [p.slug for p in sweep.points[1::5]]
 
@@ -220,8 +221,8 @@ def fake_train(config, *, resume, overwrite, quiet, calls=None, losses=(2.0, 1.0
     run_dir = Path(config.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     vocab = load_meta(config.data.dir)["vocab_size"]
-    model = build_model(config.model_config(vocab))
-    resolved = config.with_overrides([f"model.vocab_size={vocab}"])
+    resolved = dataclasses.replace(config, model=config.model_config(vocab))
+    model = build_model(resolved.model)
     save_checkpoint(run_dir / "best", model, resolved, {"iter": 8})
     evals = [{"iter": i, "train_loss": loss - 0.1, "val_loss": loss} for i, loss in enumerate(losses)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))

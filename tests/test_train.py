@@ -79,7 +79,7 @@ def test_short_run_learns_and_writes_its_run_dir(data_dir, tmp_path):
     assert all("steps" not in r for r in records(run))  # fixed steps: the column stays empty
     assert json.loads((run / "result.json").read_text()) == result
     saved = RunConfig.load(run / "config.json")
-    assert saved.model["vocab_size"] == json.loads((data_dir / "meta.json").read_text())["vocab_size"]
+    assert saved.model.vocab_size == json.loads((data_dir / "meta.json").read_text())["vocab_size"]
     assert checkpoint.read_info(run / "last")["iter"] == 60
     assert checkpoint.read_info(run / "best")["val_loss"] == result["best_val_loss"]
     model, config = checkpoint.load_model(run)

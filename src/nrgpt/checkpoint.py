@@ -226,10 +226,10 @@ def _load(run_or_ckpt: str | Path, device: str | torch.device, which: str) -> tu
     ckpt = resolve(run_or_ckpt, which)
     info = read_info(ckpt)
     try:
-        config = RunConfig.from_dict(info["config"])
+        config = RunConfig.from_dict(info["config"], drop_unused=True)
     except ConfigError as e:
         raise CheckpointError(f"{ckpt / INFO} holds an invalid config: {e}") from None
-    model = build_model(config.model_config())
+    model = build_model(config.model)
     load_matching(model, load_weights(ckpt), ckpt / WEIGHTS)
     return model.to(device).eval(), config, info
 

@@ -3,11 +3,15 @@
 Every architectural choice of the paper and of the authors' reference code is a field here.
 ``ModelConfig.preset(name, **overrides)`` gives the named models; ``build_model`` (in
 ``nrgpt.model``) turns a config into a module.
+
+The dict form (``to_dict``, ``from_dict``; a run config's ``model`` table, a run's config.json) is a
+preset name and fields, which override the preset's: ``{"preset": "GPT", "n_embd": 64}``. A field a model
+does not use (``unused_options``: NRGPT's energy options on a GPT baseline) is an error there, not a
+setting silently ignored.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, fields
 from typing import Any
@@ -15,6 +19,7 @@ from typing import Any
 from .errors import ConfigError
 
 MODELS = ("nrgpt", "gpt", "rgpt", "rgpt_parallel")
+BASELINES = MODELS[1:]
 MASKS = ("strict", "inclusive")
 NORMS = ("layernorm", "rmsnorm", "bare_layernorm", "none")
 ETAS = ("free", "descent", "psd", "diag_lowrank", "identity")
@@ -29,13 +34,16 @@ class ModelConfig:
       model        'nrgpt' (one energy block, eq. 6), 'gpt' (n_steps distinct sequential blocks),
                    'rgpt' (one sequential block applied n_steps times), 'rgpt_parallel' (one
                    GPT-J parallel block, eq. 5, applied n_steps times).
+      vocab_size   None: not set yet (a run config's model takes its dataset's vocabulary).
       n_steps      recurrent steps (the paper's and reference code's ``n_layer``); layers for 'gpt'.
       ff_mult      hidden width of the feed-forward part as a multiple of n_embd.
       checkpoint_steps  recompute each step's activations in the backward pass instead of storing
                    them (activation checkpointing over steps): less memory for long contexts, about
                    one more forward of compute, identical results.
+      preset_name  the preset the config was made from (``preset`` in the dict form), whose model it
+                   is: a label for run names and results tables; None for a config made field by field.
 
-    NRGPT only (ignored by the baselines):
+    NRGPT only (``NRGPT_OPTIONS``): a baseline keeps their defaults, and its dict form may not set them.
       attention    a registered attention energy (``nrgpt.energies``; docs/model.md): 'lowrank':
                    J_h = W_K^T W_Q with head size n_embd/n_head, beta = 1/sqrt(head size) and a learnable
                    alpha_h (eq. 11, the paper); 'full': one n_embd x n_embd matrix per head, beta = 1, no
@@ -65,7 +73,7 @@ class ModelConfig:
     """
 
     model: str = "nrgpt"
-    vocab_size: int = 65
+    vocab_size: int | None = 65
     block_size: int = 256
     n_embd: int = 128
     n_head: int = 1
@@ -84,6 +92,7 @@ class ModelConfig:
     ff_scale: bool = True
     grad_mode: str = "reference"
     checkpoint_steps: bool = False
+    preset_name: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -105,13 +114,24 @@ class ModelConfig:
         from .energies import ATTENTION_ENERGIES, FF_ENERGIES, NO_ATTENTION
 
         choice("model", MODELS)
+        if self.preset_name is not None:
+            _check_preset(self.preset_name)
+            kind = PRESETS[self.preset_name]["model"]
+            if self.model != kind:
+                raise ConfigError(f"model.model = {self.model!r} is not the model of model.preset = "
+                                  f"{self.preset_name!r} ({kind!r}); leave model.model unset")
+        for f in fields(self):
+            if f.name in unused_options(self.model) and getattr(self, f.name) != f.default:
+                raise ConfigError(_unused_message(f.name, getattr(self, f.name), self.model, self.preset_name))
         choice("attention", (*ATTENTION_ENERGIES, NO_ATTENTION))
         choice("mask", MASKS)
         choice("ff", tuple(FF_ENERGIES))
         choice("norm", NORMS)
         choice("eta", ETAS)
         choice("grad_mode", GRAD_MODES)
-        for name in ("vocab_size", "block_size", "n_embd", "n_head", "n_steps", "ff_mult", "n_blocks", "eta_rank"):
+        if self.vocab_size is not None:
+            positive_int("vocab_size")
+        for name in ("block_size", "n_embd", "n_head", "n_steps", "ff_mult", "n_blocks", "eta_rank"):
             positive_int(name)
         for name in ("eta_per_step", "ff_scale", "checkpoint_steps"):
             if not isinstance(getattr(self, name), bool):
@@ -149,21 +169,42 @@ class ModelConfig:
         (every model but the deep 'gpt', whose n_steps layers are distinct)."""
         return self.model != "gpt"
 
+    @classmethod
+    def setting_types(cls) -> dict[str, type]:
+        """The keys of the dict form and the type of each: ``preset`` and every field but ``preset_name``."""
+        return {"preset": str, **{f.name: type(f.default) for f in fields(cls) if f.name != "preset_name"}}
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The dict form: ``preset`` and the fields this model uses."""
+        unused = unused_options(self.model)
+        return {"preset": self.preset_name, **{name: getattr(self, name) for name in self.setting_types()
+                                               if name != "preset" and name not in unused}}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls, data: dict[str, Any], *, drop_unused: bool = False) -> ModelConfig:
+        """The config of a dict form (see the module docstring); ConfigError naming the first bad key: unknown,
+        of the wrong type, or an option the model does not use. ``drop_unused`` drops those options instead:
+        for configs saved by earlier versions, which recorded every field whatever the model."""
+        data = dict(data)
+        preset = data.pop("preset", None)
+        base = {}
+        if preset is not None:
+            _check_preset(preset)
+            base = {**PRESETS[preset], "preset_name": preset}
+        types = cls.setting_types()
+        unknown = sorted(set(data) - set(types))
         if unknown:
             raise ConfigError(
-                f"unknown model config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(known))}"
+                f"unknown model config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(types))}"
             )
-        for f in fields(cls):
-            if f.name in data:
-                _check_type(f"model.{f.name}", data[f.name], type(getattr(cls(), f.name)))
-        return cls(**data)
+        for name, value in data.items():
+            if not (name == "vocab_size" and value is None):
+                _check_type(f"model.{name}", value, types[name])
+        kind = base.get("model", data.get("model", cls.model))  # a preset's own, if it contradicts: validate()
+        unused = [name for name in unused_options(kind) if name in data]
+        if unused and not drop_unused:
+            raise ConfigError(_unused_message(unused[0], data[unused[0]], kind, preset))
+        return cls(**{**base, **{k: v for k, v in data.items() if k not in unused}})
 
     def replace(self, **overrides: Any) -> ModelConfig:
         return ModelConfig.from_dict({**self.to_dict(), **overrides})
@@ -171,9 +212,26 @@ class ModelConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ModelConfig:
         """A named model (see ``PRESETS``) with any field overridden."""
-        if name not in PRESETS:
-            raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return cls.from_dict({**PRESETS[name], **overrides})
+        return cls.from_dict({"preset": name, **overrides})
+
+
+NRGPT_OPTIONS = ("n_blocks", "attention", "mask", "ff", "norm", "eta", "eta_per_step", "eta_init", "eta_rank",
+                 "ff_scale", "grad_mode")
+
+
+def unused_options(model: str) -> tuple[str, ...]:
+    """The ModelConfig fields a model of kind ``model`` does not use: NRGPT's energy options on a baseline."""
+    return NRGPT_OPTIONS if model in BASELINES else ()
+
+
+def _unused_message(name: str, value: Any, model: str, preset: str | None) -> str:
+    which = f"{preset} (a {model!r} model)" if preset else f"a {model!r} model"
+    return f"model.{name} = {value!r} does not apply to {which}: it is an NRGPT option; remove it for this model"
+
+
+def _check_preset(name: Any) -> None:
+    if not isinstance(name, str) or name not in PRESETS:
+        raise ConfigError(f"model.preset = {name!r} is not allowed; choose one of {', '.join(PRESETS)}")
 
 
 def _check_type(name: str, value: Any, expected: type) -> None:

@@ -23,10 +23,10 @@ hundred small kernels. There the steps run on a shape-static cache (``KVCache(st
 step is captured once as a CUDA graph and replayed for every further token; ``compile_decode`` compiles
 the static step instead (on a CPU, where dispatch dominates).
 
-Other depths and early exit: ``decode`` (and so ``forward_cached`` and ``greedy_continuations``) passes its
-keyword options to ``model.body``: ``n_steps`` for every recurrent model (a step beyond the trained ones
-fills a further cache slot), and for NRGPT the early-exit ``tol`` (a token stops once ||dE_A/dg_A|| < tol;
-its frozen state keeps serving as a key).
+Other depths and early exit: ``decode`` (and so ``forward_cached``, ``generate`` and
+``greedy_continuations``) passes its keyword options to ``model.body``: ``n_steps`` for every recurrent
+model (a step beyond the trained ones fills a further cache slot), and for NRGPT the early-exit ``tol`` (a
+token stops once ||dE_A/dg_A|| < tol; its frozen state keeps serving as a key).
 """
 
 from __future__ import annotations
@@ -177,7 +177,8 @@ def compile_decode(model, **options) -> None:
 
 
 class GraphedDecode:
-    """One static decoding step of ``model`` on ``cache`` captured as a CUDA graph.
+    """One static decoding step of ``model`` on ``cache`` captured as a CUDA graph (``descent``: the step
+    options of ``model.body``, fixed in the graph).
 
     Construction runs the step for ``idx`` (B, 1) once eagerly (on a side stream, as capture
     requires; its logits are ``first``), then captures it; calling replays it for new tokens. The
@@ -185,16 +186,16 @@ class GraphedDecode:
     ``cache.begin(1, ...)`` before and ``cache.advance(1)`` after each call, as ``forward_cached`` does.
     """
 
-    def __init__(self, model, idx: torch.Tensor, cache: KVCache):
+    def __init__(self, model, idx: torch.Tensor, cache: KVCache, **descent: Any):
         self.idx = idx.clone()
         side = torch.cuda.Stream(idx.device)
         side.wait_stream(torch.cuda.current_stream(idx.device))
         with torch.cuda.stream(side):
-            self.first = model.decode(self.idx, cache)
+            self.first = model.decode(self.idx, cache, **descent)
         torch.cuda.current_stream(idx.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = model.decode(self.idx, cache)
+            self.logits = model.decode(self.idx, cache, **descent)
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         self.idx.copy_(idx)
@@ -214,14 +215,23 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     cuda_graph: bool | None = None,
+    n_steps: int | None = None,
+    tol: float | None = None,
 ) -> torch.Tensor:
     """Append ``max_new_tokens`` tokens to ``idx`` (B, T); returns (B, T + max_new_tokens).
 
     With ``use_cache`` (default) each new token runs through the model once; without it the whole
     (cropped) context is recomputed for every token. Both give the same tokens. ``cuda_graph``
     (default: on for a model on a CUDA device) replays the one-token step as a CUDA graph; after
-    ``model.compile_decode()`` the one-token steps run compiled instead.
+    ``model.compile_decode()`` the one-token steps run compiled instead (but not with step options).
+
+    Step options (see the module docstring): ``n_steps`` (recurrent models) decodes with that many steps
+    instead of the trained number, and ``tol`` (NRGPT) with early exit, a token frozen once
+    ||dE_A/dg_A|| < tol after at most ``n_steps`` steps per block.
     """
+    if tol is not None and not model.config.is_energy_model:
+        raise ValueError(f"early-exit decoding (tol) needs an NRGPT model; this is a {model.config.model!r}")
+    descent = {name: value for name, value in (("n_steps", n_steps), ("tol", tol)) if value is not None}
     was_training = model.training
     model.eval()
     block = model.config.block_size
@@ -233,20 +243,20 @@ def generate(
     try:
         for _ in range(max_new_tokens):
             if not use_cache:
-                logits = model(idx[:, -block:])[0][:, -1]
+                logits = model(idx[:, -block:], **descent)[0][:, -1]
             elif cache is None or cache.length >= block:
                 cache, graphed = KVCache(block, static=cuda_graph or model.compiled_decode is not None), None
-                logits = forward_cached(model, idx[:, -block:], cache)
+                logits = forward_cached(model, idx[:, -block:], cache, **descent)
             elif cuda_graph:
                 cache.begin(1, idx.device)
                 if graphed is None:
-                    graphed = GraphedDecode(model, idx[:, -1:], cache)
+                    graphed = GraphedDecode(model, idx[:, -1:], cache, **descent)
                     logits = graphed.first
                 else:
                     logits = graphed(idx[:, -1:])
                 cache.advance(1)
             else:
-                logits = forward_cached(model, idx[:, -1:], cache)
+                logits = forward_cached(model, idx[:, -1:], cache, **descent)
             nxt = sample_next(logits, temperature, top_k, top_p, greedy, generator)
             idx = torch.cat([idx, nxt.to(idx.dtype)], dim=1)
     finally:

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 from .decoding import KVCache, compile_decode, decode, forward_cached, generate
 from .energy import DescentStep, EnergyBlock, descent, first_graph_step, truncated_state
 from .layers import TransformerBlock
@@ -236,4 +236,6 @@ class GPT(LanguageModel):
 
 def build_model(config: ModelConfig) -> LanguageModel:
     """The model named by ``config.model``, freshly initialised."""
+    if config.vocab_size is None:
+        raise ConfigError("model.vocab_size is not set: give it, or take a dataset's (RunConfig.model_config)")
     return NRGPT(config) if config.is_energy_model else GPT(config)

@@ -2,17 +2,26 @@
 
 A run is described by ``RunConfig``: one top-level setting (``out_dir``) and five sections,
 
-    model   a model preset name (``preset``, one of ``nrgpt.PRESETS``) plus any ``ModelConfig`` field;
-            ``vocab_size`` comes from the dataset's meta.json unless it is set here
+    model   a ``ModelConfig``, written as a model preset name (``preset``, one of ``nrgpt.PRESETS``) plus
+            any of its fields; ``vocab_size`` comes from the dataset's meta.json unless it is set here
     data    the prepared dataset directory
     train   optimisation: batch, schedule, AdamW, clipping, evaluation, budget, seed
     system  device, precision, torch.compile, threads
     log     logging interval, progress bar, TensorBoard, Weights & Biases
 
 It is built in three layers, each overriding the one before: the defaults below, a preset file (TOML or
-YAML; by name from ``nrgpt/presets`` or by path; a preset may name another in ``extends``), and dotted
-command-line overrides (``train.lr=1e-3``). Every value is checked on the way in: unknown keys, wrong
-types and impossible values raise ``ConfigError`` with one line naming the field.
+YAML; by name from ``nrgpt/presets`` or by path; a preset may name another in ``extends``, which is then
+a layer below it), and dotted command-line overrides (``train.lr=1e-3``, all of them one layer). Every
+value is checked on the way in: unknown keys, wrong types and impossible values raise ``ConfigError``
+with one line naming the field.
+
+A layer that sets ``model.preset`` picks the model afresh: the model settings of the layers below that
+this model does not use (NRGPT's energy options under a GPT baseline, ``nrgpt.config.unused_options``)
+are dropped, since they were meant for the model chosen there, while the layer's own settings must all
+apply to its model (``ConfigError`` otherwise). So ``--set model.preset=GPT`` over the ``listops`` preset
+(``model.mask = "strict"``) trains a GPT, and ``--set model.preset=GPT --set model.mask=strict`` is an
+error. A run's saved config.json is read with such options dropped (``RunConfig.load``): versions before
+this rule saved every model field, used or not.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from typing import Any
 import yaml
 
 from .argtypes import SEED_MAX
-from .config import PRESETS, ConfigError, ModelConfig, _check_type
+from .config import PRESETS, ConfigError, ModelConfig, _check_type, unused_options
 
 try:
     import tomllib
@@ -211,8 +220,12 @@ SECTIONS: dict[str, type] = {
 }
 
 
-def _default_model() -> dict[str, Any]:
-    return {"preset": "NRGPT_H_FF2W"}
+DEFAULT_PRESET = "NRGPT_H_FF2W"
+
+
+def _model(table: dict[str, Any], drop_unused: bool = False) -> ModelConfig:
+    """A run's ModelConfig from its model table: vocab_size None (the dataset's) unless the table sets it."""
+    return ModelConfig.from_dict({"vocab_size": None, **table}, drop_unused=drop_unused)
 
 
 @dataclass
@@ -221,7 +234,7 @@ class RunConfig:
     ``RunConfig.from_dict``; ``to_dict`` gives the JSON-ready form saved as a run's config.json."""
 
     out_dir: str = "runs/run"
-    model: dict[str, Any] = field(default_factory=_default_model)
+    model: ModelConfig = field(default_factory=lambda: _model({"preset": DEFAULT_PRESET}))
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
@@ -234,33 +247,33 @@ class RunConfig:
         _require(bool(self.out_dir), "out_dir", self.out_dir, "must name the run directory")
         for name in SECTIONS:
             getattr(self, name).validate()
-        self.train.check_model(self.model_config())
+        if not isinstance(self.model, ModelConfig):
+            raise ConfigError(f"model = {self.model!r} must be a ModelConfig (RunConfig.from_dict reads a table)")
+        if self.model.preset_name is None:
+            raise ConfigError(f"model.preset is missing; choose one of {', '.join(PRESETS)}")
+        self.train.check_model(self.model)
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
-        """The ModelConfig of ``model``; ``vocab_size`` (the dataset's) fills it in unless it is set."""
-        overrides = dict(self.model)
-        preset = overrides.pop("preset", None)
-        if preset is None:
-            raise ConfigError(f"model.preset is missing; choose one of {', '.join(PRESETS)}")
-        if not isinstance(preset, str) or preset not in PRESETS:
-            raise ConfigError(f"model.preset = {preset!r} is not allowed; choose one of {', '.join(PRESETS)}")
-        if vocab_size is not None:
-            overrides.setdefault("vocab_size", vocab_size)
-        return ModelConfig.preset(preset, **overrides)
+        """``model`` with ``vocab_size`` (the dataset's) filled in unless it is set."""
+        if self.model.vocab_size is None and vocab_size is not None:
+            return self.model.replace(vocab_size=vocab_size)
+        return self.model
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"out_dir": self.out_dir, "model": self.model.to_dict(),
+                **{name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        """Check keys and types (``ConfigError`` names the first bad one) and build the config."""
+    def from_dict(cls, data: dict[str, Any], *, drop_unused: bool = False) -> RunConfig:
+        """Check keys and types (``ConfigError`` names the first bad one) and build the config; ``drop_unused``:
+        drop model options the model does not use instead (a saved config, see the module docstring)."""
         _check_keys("", data, [f.name for f in fields(cls)])
         kwargs: dict[str, Any] = {}
         if "out_dir" in data:
             _check_type("out_dir", data["out_dir"], str)
             kwargs["out_dir"] = data["out_dir"]
         if "model" in data:
-            kwargs["model"] = dict(_table("model", data["model"]))
+            kwargs["model"] = _model(_table("model", data["model"]), drop_unused)
         for name, section in SECTIONS.items():
             if name in data:
                 table = _table(name, data[name])
@@ -272,11 +285,8 @@ class RunConfig:
         return cls(**kwargs)
 
     def with_overrides(self, overrides: list[str]) -> RunConfig:
-        """A copy with dotted ``key=value`` overrides applied (see ``apply_override``)."""
-        data = self.to_dict()
-        for item in overrides:
-            apply_override(data, item)
-        return RunConfig.from_dict(data)
+        """A copy with dotted ``key=value`` overrides laid over it (``apply_overrides``)."""
+        return RunConfig.from_dict(apply_overrides(self.to_dict(), overrides))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
@@ -290,7 +300,7 @@ class RunConfig:
             raise ConfigError(f"{path} does not exist") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid JSON ({e})") from None
-        return cls.from_dict(_table(str(path), data))
+        return cls.from_dict(_table(str(path), data), drop_unused=True)
 
 
 def _table(name: str, value: Any) -> dict[str, Any]:
@@ -314,7 +324,7 @@ def _field_type(section: str, key: str) -> type:
     if section == "":
         known = {"out_dir": str}
     elif section == "model":
-        known = {"preset": str, **{f.name: type(getattr(ModelConfig(), f.name)) for f in fields(ModelConfig)}}
+        known = ModelConfig.setting_types()
     elif section in SECTIONS:
         defaults = SECTIONS[section]()
         known = {f.name: type(getattr(defaults, f.name)) for f in fields(defaults)}
@@ -346,18 +356,19 @@ def parse_value(name: str, text: str, expected: type) -> Any:
     return value
 
 
-def apply_override(data: dict[str, Any], item: str) -> None:
-    """Apply one ``section.key=value`` (or ``out_dir=value``) to a config dict in place."""
-    key, sep, text = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-3")
-    section, _, name = key.rpartition(".")
-    value = parse_value(key, text.strip(), _field_type(section, name))
-    table = data.setdefault(section, {}) if section else data
-    if not isinstance(table, dict):
-        raise ConfigError(f"{section} must be a table of settings, not {table!r}: fix the preset that sets it")
-    table[name] = value
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``data`` with the dotted ``section.key=value`` (or ``out_dir=value``) overrides laid over it as one
+    layer (``layer``), each value parsed to its setting's type."""
+    top: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-3")
+        section, _, name = key.rpartition(".")
+        value = parse_value(key, text.strip(), _field_type(section, name))
+        (top.setdefault(section, {}) if section else top)[name] = value
+    return layer(data, top)
 
 
 # ------------------------------------------------------------------------------------------- presets
@@ -415,25 +426,44 @@ def load_preset(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any
         raise ConfigError(f"{path}: extends = {base!r} must name a preset")
     if Path(base).suffix in (".toml", ".yaml", ".yml"):
         base = str(path.parent / base)
-    return merge(load_preset(base, (*_seen, str(path.resolve()))), data)
+    return layer(load_preset(base, (*_seen, str(path.resolve()))), data)
 
 
 def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """``top`` laid over ``base``, tables merged key by key."""
+    """``top`` laid over ``base``, tables merged key by key; ConfigError if ``top`` has a table where ``base``
+    has a setting."""
     out = dict(base)
     for key, value in top.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        if isinstance(value, dict) and key in out and not isinstance(out[key], dict):
+            raise ConfigError(f"{key} must be a table of settings, not {out[key]!r}: fix the preset that sets it")
+        out[key] = merge(out[key], value) if isinstance(value, dict) and key in out else value
     return out
 
 
-def resolve_config(preset: str | None = None, overrides: list[str] = (), base: RunConfig | None = None) -> RunConfig:
-    """Defaults (or ``base``), then the preset, then the overrides: the checked RunConfig."""
-    data = (base or RunConfig()).to_dict()
+def layer(data: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """The run config dict ``top`` laid over ``data`` (``merge``), as a layer: if ``top`` sets model.preset,
+    first the model settings of ``data`` that this model does not use, and its model kind, are dropped (see
+    the module docstring)."""
+    model = top.get("model")
+    preset = model.get("preset") if isinstance(model, dict) else None
+    if isinstance(preset, str) and preset in PRESETS and isinstance(data.get("model"), dict):
+        dropped = {"model", *unused_options(PRESETS[preset]["model"])}
+        data = {**data, "model": {k: v for k, v in data["model"].items() if k not in dropped}}
+    return merge(data, top)
+
+
+def defaults() -> dict[str, Any]:
+    """The bottom layer of a run config: every section's defaults, and of the model only its preset's name
+    (so that a preset set above it picks the model afresh)."""
+    return {**RunConfig().to_dict(), "model": {"preset": DEFAULT_PRESET}}
+
+
+def resolve_config(preset: str | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults, then the preset, then the overrides: the checked RunConfig."""
+    data = defaults()
     if preset is not None:
-        data = merge(data, load_preset(preset))
-    for item in overrides:
-        apply_override(data, item)
-    return RunConfig.from_dict(data)
+        data = layer(data, load_preset(preset))
+    return RunConfig.from_dict(apply_overrides(data, overrides))
 
 
 # --------------------------------------------------------------------------------------- command line

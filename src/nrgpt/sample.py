@@ -4,7 +4,8 @@
 
 A prompt longer than the model's block is cropped to its last ``block_size`` tokens (with a notice);
 characters or tokens outside the vocabulary are an error naming them. Sampling is seeded, so the same
-command prints the same text.
+command prints the same text. ``--early-exit TOL`` (NRGPT) decodes with energy-based early exit: a token
+stops descending once ||dE_A/dg_A|| < TOL, after at most ``--early-exit-steps`` steps.
 """
 
 from __future__ import annotations
@@ -45,12 +46,13 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, g
 
 def generate_text(model: LanguageModel, tokenizer: Tokenizer, prompt: str = "", *, num_samples: int = 1,
                   max_new_tokens: int = 500, temperature: float = 0.8, top_k: int | None = None,
-                  top_p: float | None = None, greedy: bool = False, seed: int = 0,
-                  notice: Callable[[str], None] = _note) -> list[str]:
+                  top_p: float | None = None, greedy: bool = False, seed: int = 0, tol: float | None = None,
+                  n_steps: int | None = None, notice: Callable[[str], None] = _note) -> list[str]:
     """``num_samples`` continuations of ``prompt`` (each returned with its prompt, cropped to the block).
 
     An empty prompt starts from the end-of-sequence token (token 0 if the vocabulary has none), which is
-    then not part of the text. DataError if the prompt holds symbols outside the vocabulary.
+    then not part of the text. DataError if the prompt holds symbols outside the vocabulary. ``tol``
+    (NRGPT: early exit) and ``n_steps``: ``generate``'s step options.
     """
     check_sampling(temperature, top_k, top_p, greedy, num_samples, max_new_tokens)
     ids = tokenizer.encode(prompt) if prompt else []
@@ -64,7 +66,7 @@ def generate_text(model: LanguageModel, tokenizer: Tokenizer, prompt: str = "", 
     idx = torch.tensor([start] * num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device).manual_seed(seed)
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                         generator=generator)
+                         generator=generator, tol=tol, n_steps=n_steps)
     keep = len(start) - len(ids)
     return [tokenizer.decode(row[keep:].tolist()) for row in out]
 
@@ -81,14 +83,20 @@ def _prompt(args: argparse.Namespace) -> str:
 def main(args: argparse.Namespace) -> int:
     check_sampling(args.temperature, args.top_k, args.top_p, args.greedy, args.num_samples, args.max_new_tokens)
     prompt = _prompt(args)
+    if args.early_exit_steps is not None and args.early_exit is None:
+        raise ConfigError("--early-exit-steps is the most steps under early exit: give --early-exit TOL too")
     model, _, data_dir = load_run(args.run, pick_device(args.device), args.checkpoint, args.data_dir)
+    if args.early_exit is not None and not model.config.is_energy_model:
+        raise ConfigError(f"--early-exit needs an NRGPT model; {args.run} holds a {model.config.model!r} model, "
+                          "which has no energy descent")
     tokenizer = load_tokenizer(data_dir)
     tokenizer.encode(prompt)  # unknown symbols: an error before any compilation
     if args.compile:
         model.compile_decode()
     texts = generate_text(model, tokenizer, prompt, num_samples=args.num_samples,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, greedy=args.greedy, seed=args.seed)
+                          top_p=args.top_p, greedy=args.greedy, seed=args.seed, tol=args.early_exit,
+                          n_steps=args.early_exit_steps)
     for i, text in enumerate(texts):
         if i:
             print("-" * 40)
@@ -110,6 +118,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=number(), default=None)
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--seed", type=seed, default=default_of(generate_text, "seed"))
+    p.add_argument("--early-exit", metavar="TOL", type=number(0), default=None,
+                   help="NRGPT: early-exit decoding, a token stops descending once its gradient norm is below TOL")
+    p.add_argument("--early-exit-steps", type=integer(1), default=None,
+                   help="most steps a token may take under early exit (default: the trained number)")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best",
                    help="which checkpoint of a run directory (default: best)")
     p.add_argument("--device", choices=DEVICES, default="auto")

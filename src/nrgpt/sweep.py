@@ -35,6 +35,15 @@ as a full run config when the file is read, so a bad key or value fails before a
 A file that ``extends`` another overrides it table by table: a grid axis it lists replaces that axis
 (a trimmed sweep lists fewer sizes); it cannot remove an axis.
 
+Model options and the grid's models: each run's config is two layers (``nrgpt.runconfig``), ``[base]``
+(over its run preset) below the run's grid settings. A grid point that sets ``model.preset`` picks its
+model afresh, so the base's model options that this model does not use are dropped for it: the base
+may set NRGPT options (``model.mask``, ``model.eta``, ...) for a grid of NRGPT presets and
+``GPT_Rec_parallel``, and the GPT runs go without them. A run's own grid settings must apply to its
+model: an NRGPT option in a grid point of a GPT baseline is an error. To vary an NRGPT option over the
+NRGPT models only, give it in the tables of one axis, beside their presets:
+``model = [{model.preset = "NRGPT_H_FF1", model.mask = "strict"}, {model.preset = "GPT_Rec_parallel"}]``.
+
 Sweep directory
 ---------------
 ``sweep.toml`` (the sweep as resolved: the base as a full run config), ``results.csv`` and
@@ -66,7 +75,7 @@ from typing import Any
 
 from .config import ConfigError
 from .data import load_meta
-from .runconfig import RunConfig, load_preset, merge
+from .runconfig import RunConfig, defaults, layer, load_preset, merge
 from .rundir import write_text_atomic
 from .tables import (
     QUALITY,
@@ -338,13 +347,13 @@ def _resolve_base(path: Path, table: dict[str, Any]) -> dict[str, Any]:
         raise SweepError(f"{path}: base.out_dir is not allowed: each run's directory is <out_dir>/runs/<slug>")
     preset = table.pop("preset", None)
     try:
-        data = RunConfig().to_dict()
+        data = defaults()
         if preset is not None:
             if not isinstance(preset, str):
                 raise ConfigError(f"base.preset = {preset!r} must name a run preset")
             relative = path.parent / preset
-            data = merge(data, load_preset(str(relative) if relative.is_file() else preset))
-        data = merge(data, table)
+            data = layer(data, load_preset(str(relative) if relative.is_file() else preset))
+        data = layer(data, table)
         data.pop("out_dir", None)
         RunConfig.from_dict(data)
     except ConfigError as e:
@@ -361,12 +370,11 @@ def _points(sweep: Sweep, source: str) -> list[Point]:
         if name in seen:
             raise SweepError(f"{source}: grid points {seen[name]} and {settings} get the same run name {name!r}")
         seen[name] = settings
-        data = copy.deepcopy(sweep.base)
+        top = {"out_dir": str(sweep.out_dir / "runs" / name)}
         try:
             for key, value in {**settings, **sweep.budget.overrides()}.items():
-                _set_dotted(data, key, value)
-            data["out_dir"] = str(sweep.out_dir / "runs" / name)
-            config = RunConfig.from_dict(data)
+                _set_dotted(top, key, value)
+            config = RunConfig.from_dict(layer(sweep.base, top))
         except ConfigError as e:
             raise SweepError(f"{source}: grid point {name}: {e}") from None
         points.append(Point(name, settings, config))
@@ -517,8 +525,7 @@ def describe_point(point: Point) -> dict[str, Any]:
     config = point.config
     meta = load_meta(config.data.dir)
     model_config = config.model_config(meta["vocab_size"])
-    flat = _flatten({"model": {"preset": config.model["preset"], **model_config.to_dict()},
-                     "train": config.to_dict()["train"]})
+    flat = _flatten({"model": model_config.to_dict(), "train": config.to_dict()["train"]})
     record: dict[str, Any] = {"slug": point.slug, "kind": "listops" if meta["kind"] == "listops" else "language"}
     record.update({column: flat.get(key) for column, key in CONFIG_COLUMNS.items()})
     record.update({k: v for k, v in point.settings.items() if k not in CONFIG_COLUMNS.values()})
@@ -577,7 +584,8 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def plan(sweep: Sweep) -> list[list[Any]]:
     """(slug, total parameters, finished) of every point; parameters use the dataset's vocabulary when it is
-    prepared, else the config's vocab_size."""
+    prepared, else the config's vocab_size, else ModelConfig's default."""
+    from .config import ModelConfig
     from .data import DataError
     from .model import build_model
 
@@ -586,7 +594,7 @@ def plan(sweep: Sweep) -> list[list[Any]]:
         try:
             vocab = load_meta(point.config.data.dir)["vocab_size"]
         except DataError:
-            vocab = None
+            vocab = ModelConfig.vocab_size
         n = build_model(point.config.model_config(vocab)).num_params()
         rows.append([point.slug, n, is_finished(point.run_dir)])
     return rows

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -206,8 +207,7 @@ class Trainer:
         resume_from = self._prepare_run_dir(resume, overwrite)
         self.dataset = checkpoint.dataset_record(config.data.dir)
         # The config as run: the model section fully resolved (vocab_size from the data included).
-        self.config = config = RunConfig.from_dict({**config.to_dict(), "model": {
-            "preset": config.model["preset"], **model_config.to_dict()}})
+        self.config = config = dataclasses.replace(config, model=model_config)
 
         distributed.setup(self.dist, self.device)
         if config.system.threads:

@@ -199,8 +199,8 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu"):
     if record.get("format") != FORMAT or "config" not in record:
         raise CheckpointError(f"{path / RUN_FILE} is not an nrgpt export record (format {FORMAT!r})")
     try:
-        run_config = RunConfig.from_dict(record["config"])
-        model = build_model(ModelConfig.from_dict(hf_config["nrgpt"]))
+        run_config = RunConfig.from_dict(record["config"], drop_unused=True)
+        model = build_model(ModelConfig.from_dict(hf_config["nrgpt"], drop_unused=True))
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{path} holds an invalid model config: {e}") from None
     try:

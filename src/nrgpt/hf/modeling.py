@@ -87,7 +87,7 @@ class NRGPTForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: NRGPTConfig):
         super().__init__(config)
-        self.model = build_model(ModelConfig.from_dict(config.nrgpt))
+        self.model = build_model(ModelConfig.from_dict(config.nrgpt, drop_unused=True))
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
