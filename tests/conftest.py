@@ -63,6 +63,25 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def train_one_and_two_processes(common: list[str], tmp_path: Path) -> tuple[list[dict], list[dict], str]:
+    """``nrgpt train`` with ``common`` arguments in one process at batch 8 and under torchrun in two gloo
+    processes at batch 4 each; returns both runs' metrics records and the two-process run's stdout, and
+    checks that the two-process losses equal the one-process losses (to 1e-5)."""
+    single = run_nrgpt("train", *common, "--batch-size", "8", "--out-dir", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nrgpt",
+         "train", *common, "--batch-size", "4", "--out-dir", str(tmp_path / "two")],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, two = records(tmp_path / "one"), records(tmp_path / "two")
+    for a, b in zip(one, two):
+        for key in ("loss", "train_loss", "val_loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-5), (a["iter"], key)
+    return one, two, ddp.stdout
+
+
 def randomize(module: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:
     """Add N(0, std) noise to every parameter so that every nonlinearity matters."""
     g = torch.Generator().manual_seed(seed)
