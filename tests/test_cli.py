@@ -183,6 +183,9 @@ def test_sample_command_with_early_exit(run_dir, data_dir, tmp_path, capsys):
     tok = load_tokenizer(data_dir)
     expected = generate_text(model, tok, "The", max_new_tokens=12, greedy=True, tol=1e9, n_steps=4)
     assert sample(run_dir, "--early-exit", "1e9", "--early-exit-steps", "4") == (0, expected[0] + "\n", "")
+    one_step = generate_text(model, tok, "The", max_new_tokens=12, greedy=True, tol=1e9, exit_on="energy")
+    assert one_step == generate_text(model, tok, "The", max_new_tokens=12, greedy=True, n_steps=1)
+    assert sample(run_dir, "--early-exit", "1e9", "--early-exit-on", "energy") == (0, one_step[0] + "\n", "")
     gpt = tiny_config(data_dir, tmp_path / "gpt", "model.preset=GPT_Rec_parallel", f"model.vocab_size={tok.vocab_size}")
     checkpoint.save_checkpoint(tmp_path / "gpt" / "best", build_model(gpt.model_config()), gpt, {"iter": 0})
     assert sample(tmp_path / "gpt", "--early-exit", "0.1") == (2, "", f"nrgpt: error: --early-exit needs an NRGPT "
@@ -190,6 +193,9 @@ def test_sample_command_with_early_exit(run_dir, data_dir, tmp_path, capsys):
                                                               "model, which has no energy descent\n")
     assert sample(run_dir, "--early-exit-steps", "4")[2] == ("nrgpt: error: --early-exit-steps is the most steps under "
                                                              "early exit: give --early-exit TOL too\n")
+    assert sample(run_dir, "--early-exit-on", "energy")[2] == ("nrgpt: error: --early-exit-on says what the "
+                                                               "early-exit tolerance applies to: give --early-exit TOL "
+                                                               "too\n")
 
 
 def test_eval_command_uses_the_whole_split(run_dir, data_dir, capsys):

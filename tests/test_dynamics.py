@@ -143,16 +143,20 @@ def test_descent_guarantee_per_eta_variant(preset, overrides, guaranteed):
 # -------------------------------------------------------------------------------------------- early exit
 
 
+EXITS = ["grad", "energy"]  # what the early-exit tolerance applies to
+
+
+@pytest.mark.parametrize("exit_on", EXITS)
 @pytest.mark.parametrize("grad", [True, False], ids=["graph", "no-graph"])
-def test_early_exit_with_zero_tolerance_is_the_fixed_steps_model(grad):
+def test_early_exit_with_zero_tolerance_is_the_fixed_steps_model(grad, exit_on):
     """Bitwise, in either autograd mode (the FF gradients take ATen's closed form without a graph and the
     hand-written Functions with one: the two round differently, so both sides run in the same mode)."""
     model, idx = tiny(), tokens()
     with torch.set_grad_enabled(grad):
-        logits, steps = EarlyExit(model, 0.0).run(idx)
+        logits, steps = EarlyExit(model, 0.0, exit_on=exit_on).run(idx)
         assert torch.equal(logits, model(idx)[0]) and (steps == 3).all()
         x = model.body(model.embed(idx), n_steps=6)
-        logits6, steps6 = EarlyExit(model, 0.0, max_steps=6).run(idx)
+        logits6, steps6 = EarlyExit(model, 0.0, max_steps=6, exit_on=exit_on).run(idx)
         assert torch.equal(logits6, model.lm_head(model.ln_f(x))) and (steps6 == 6).all()
 
 
@@ -164,18 +168,51 @@ def test_early_exit_with_a_huge_tolerance_takes_no_step():
     assert (steps == 0).all()
 
 
-def mid_tolerance(model, idx) -> float:
-    """A tolerance at which some tokens freeze before their first step and others do not: the median of the
-    initial gradient norms."""
-    return float(np.median(record_dynamics(model, idx, 0).grad_norm))
+def test_energy_early_exit_with_a_huge_tolerance_takes_one_step():
+    """The energy change needs a step to measure: every token takes the first step, then stops for good
+    (with recursive blocks too: a token that stopped in the first block skips the second)."""
+    model, idx = tiny(), tokens()
+    logits, steps = EarlyExit(model, 1e30, exit_on="energy").run(idx)
+    assert torch.equal(logits, model(idx, n_steps=1)[0]) and (steps == 1).all()
+    recursive = tiny("NRGPT_P_REC", n_blocks=2)
+    with torch.no_grad():  # both sides in one autograd mode (see the zero-tolerance test)
+        logits, steps = EarlyExit(recursive, 1e30, exit_on="energy").run(idx)
+        x = recursive.blocks[0](recursive.embed(idx), 0)
+        assert torch.equal(logits, recursive.lm_head(recursive.ln_f(x))) and (steps == 1).all()
 
 
+def test_energy_early_exit_stops_where_the_energy_change_falls_below_the_noise_floor():
+    """Token 0 attends to no other token, so until it freezes its energies are those of the fixed-steps
+    trajectory: it takes the first step t >= 1 with |E^(t) - E^(t-1)| < tol (1 + |E^(t-1)|) steps (or all 8),
+    worked out from the recorded energies."""
+    model, idx = tiny(), tokens(6, T)
+    energy = record_dynamics(model, idx, 8).energy[:, :, 0]  # (9, B): token 0 of every sequence
+    change = np.abs(np.diff(energy, axis=0)) / (1 + np.abs(energy[:-1]))  # (8, B): change t -> t+1
+    values = np.unique(change[1:4])  # sequences that start with the same token share token 0's changes
+    middle = values[len(values) // 2 - 1: len(values) // 2 + 1]
+    tol = float(np.sqrt(middle[0] * middle[1]))  # between two of the changes, so that none is a tie
+    expected = [next((t for t in range(1, 8) if change[t - 1, b] < tol), 8) for b in range(idx.shape[0])]
+    steps = EarlyExit(model, tol, max_steps=8, exit_on="energy").run(idx)[1][:, 0]
+    assert steps.tolist() == expected and len(set(expected)) > 1
+
+
+def mid_tolerance(model, idx, exit_on: str = "grad") -> float:
+    """A tolerance at which some tokens freeze early and others do not: the median of the initial gradient
+    norms ('grad': some tokens freeze before their first step), or of the relative energy changes over the
+    first step ('energy': some tokens freeze after it)."""
+    dyn = record_dynamics(model, idx, 1)
+    if exit_on == "grad":
+        return float(np.median(dyn.grad_norm[0]))
+    return float(np.median(np.abs(dyn.energy[1] - dyn.energy[0]) / (1 + np.abs(dyn.energy[0]))))
+
+
+@pytest.mark.parametrize("exit_on", EXITS)
 @pytest.mark.parametrize("mask", ["strict", "inclusive"])
-def test_early_exit_is_causal(mask):
+def test_early_exit_is_causal(mask, exit_on):
     model, idx = tiny(mask=mask), tokens(3, 14)
-    ee = EarlyExit(model, mid_tolerance(model, idx), max_steps=8)
+    ee = EarlyExit(model, mid_tolerance(model, idx, exit_on), max_steps=8, exit_on=exit_on)
     logits, steps = ee.run(idx)
-    assert (steps == 0).any() and (steps > 0).any()
+    assert steps.unique().numel() > 1  # some tokens stop earlier than others
     for k in (0, 5, 12):
         changed = idx.clone()
         changed[:, k + 1:] = (changed[:, k + 1:] + 1 + torch.arange(13 - k) % 5) % V
@@ -185,10 +222,12 @@ def test_early_exit_is_causal(mask):
         assert not torch.allclose(logits2[:, k + 1:], logits[:, k + 1:])
 
 
-def test_cached_early_exit_decoding_equals_full_recomputation():
-    """A frozen token's keys in the cache are those of its frozen state at every later step."""
+@pytest.mark.parametrize("exit_on", EXITS)
+def test_cached_early_exit_decoding_equals_full_recomputation(exit_on):
+    """A frozen token's keys in the cache are those of its frozen state at every later step; the energy
+    criterion evaluates each new token's energy against the cached keys."""
     model, idx = tiny(), tokens(2, 12)
-    ee = EarlyExit(model, mid_tolerance(model, idx), max_steps=8)
+    ee = EarlyExit(model, mid_tolerance(model, idx, exit_on), max_steps=8, exit_on=exit_on)
     cache = KVCache(16)
     with torch.no_grad():
         last = [ee.forward_cached(idx[:, :4], cache)]
@@ -214,18 +253,21 @@ def test_early_exit_generate(mask):
     assert torch.equal(model.generate(prompt, 20, greedy=True, tol=0.0), plain)
     zero_step = greedy_by_recomputation(lambda x: model.lm_head(model.ln_f(model.embed(x))), prompt, 20)
     assert torch.equal(model.generate(prompt, 20, greedy=True, tol=1e30), zero_step)
-    tol = mid_tolerance(model, plain[:, -16:])
-    expected = greedy_by_recomputation(lambda x: model.run(x, 8, tol)[0], prompt, 20)
-    assert torch.equal(model.generate(prompt, 20, greedy=True, n_steps=8, tol=tol), expected)
-    assert torch.equal(model.generate(prompt, 20, greedy=True, n_steps=8, tol=tol, use_cache=False), expected)
-    steps = model.run(expected[:, -16:], 8, tol)[1]
-    assert (steps < 8).any() and (steps > 0).any()  # some tokens exit early, others descend
+    for exit_on in EXITS:
+        tol = mid_tolerance(model, plain[:, -16:], exit_on)
+        expected = greedy_by_recomputation(lambda x, t=tol, e=exit_on: model.run(x, 8, t, e)[0], prompt, 20)
+        options = {"n_steps": 8, "tol": tol, "exit_on": exit_on}
+        assert torch.equal(model.generate(prompt, 20, greedy=True, **options), expected)
+        assert torch.equal(model.generate(prompt, 20, greedy=True, use_cache=False, **options), expected)
+        steps = model.run(expected[:, -16:], 8, tol, exit_on)[1]
+        assert (steps < 8).any() and (steps > 0).any()  # some tokens exit early, others descend
 
 
-def test_static_cache_early_exit_decoding_equals_the_growing_cache():
+@pytest.mark.parametrize("exit_on", EXITS)
+def test_static_cache_early_exit_decoding_equals_the_growing_cache(exit_on):
     """What a CUDA graph replays under early exit (``KVCache(static=True)``) is the growing cache's decoding."""
     model, idx = tiny(), tokens(2, 12)
-    descent = {"n_steps": 8, "tol": mid_tolerance(model, idx)}
+    descent = {"n_steps": 8, "tol": mid_tolerance(model, idx, exit_on), "exit_on": exit_on}
     caches = KVCache(16), KVCache(16, static=True)
     for cache in caches:
         model.forward_cached(idx[:, :3], cache, **descent)
@@ -294,7 +336,7 @@ def test_dynamics_command(listops_dir, tmp_path, capsys):
                      "--early-exit-steps", "4", "--device", "cpu"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "descent guaranteed: yes" in printed and "early exit tol 0.05" in printed
+    assert "descent guaranteed: yes" in printed and "early exit (grad) tol 0.05" in printed
     for name in ("energy.png", "descent.png", "early_exit.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG")
     summary = json.loads((out / "summary.json").read_text())
@@ -305,6 +347,15 @@ def test_dynamics_command(listops_dir, tmp_path, capsys):
     assert [p["steps"] for p in summary["fixed_steps"]] == [0, 1, 2, 3, 4]
     four = summary["fixed_steps"][4]
     assert summary["early_exit"][0] == {"tol": 0.0, "avg_steps": four["avg_steps"], "accuracy": four["accuracy"]}
+    assert summary["early_exit_on"] == "grad"
+    code = cli_main(["dynamics", str(tmp_path / "run"), "--data", str(listops_dir), "--batch", "2", "--length", "20",
+                     "--out", str(out), "--early-exit", "0,1e9", "--early-exit-on", "energy", "--early-exit-samples",
+                     "6", "--device", "cpu"])
+    assert code == 0 and "early exit (energy) tol 1e+09: 1.00 steps/token" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    one = summary["fixed_steps"][1]
+    assert summary["early_exit_on"] == "energy" and summary["early_exit"][1] == {
+        "tol": 1e9, "avg_steps": 1.0, "accuracy": one["accuracy"]}
 
 
 def test_dynamics_command_on_a_reference_checkpoint(tmp_path, capsys):

@@ -25,8 +25,9 @@ the static step instead (on a CPU, where dispatch dominates).
 
 Other depths and early exit: ``decode`` (and so ``forward_cached``, ``generate`` and
 ``greedy_continuations``) passes its keyword options to ``model.body``: ``n_steps`` for every recurrent
-model (a step beyond the trained ones fills a further cache slot), and for NRGPT the early-exit ``tol`` (a
-token stops once ||dE_A/dg_A|| < tol; its frozen state keeps serving as a key).
+model (a step beyond the trained ones fills a further cache slot), and for NRGPT the early-exit ``tol`` and
+``exit_on`` (a token stops once ||dE_A/dg_A|| < tol, or once its energy changes by less than tol (1 + |E_A|);
+its frozen state keeps serving as a key).
 """
 
 from __future__ import annotations
@@ -61,12 +62,14 @@ class KVCache:
         self.position: torch.Tensor | None = None  # static decoding: the new token's index, (1,)
         self._slots: torch.Tensor | None = None  # static decoding: 0..capacity-1
         self._static_step = False
+        self._n_new = 0  # tokens of the current step (between begin and advance)
 
     def begin(self, n_tokens: int, device: torch.device) -> None:
         """Prepare to take ``n_tokens`` new tokens (called before the model body runs on them)."""
         if self.length + n_tokens > self.capacity:
             raise ValueError(f"KV cache is full ({self.capacity} tokens); crop the context")
         self._static_step = self.static and n_tokens == 1 and self.length > 0
+        self._n_new = n_tokens
         if self._static_step:
             if self.position is None:
                 self.position = torch.zeros(1, dtype=torch.long, device=device)
@@ -92,6 +95,12 @@ class KVCache:
             return k_all, k_all
         return k_all, self._append(self.values, slot, v)
 
+    def stored_keys(self, slot: int) -> torch.Tensor:
+        """All keys of ``slot`` so far, the current step's new tokens included (after their ``update``): the
+        first ``length`` + new slots, or in a static step all ``capacity`` slots (``visible`` masks them)."""
+        keys = self.keys[slot]
+        return keys if self._static_step else keys[:, :, : self.length + self._n_new]
+
     @property
     def static_step(self) -> bool:
         """Whether the current step is a static decoding step (see the class docstring)."""
@@ -107,6 +116,7 @@ class KVCache:
     def advance(self, n_tokens: int) -> None:
         self.length += n_tokens
         self._static_step = False
+        self._n_new = 0
 
 
 
@@ -217,6 +227,7 @@ def generate(
     cuda_graph: bool | None = None,
     n_steps: int | None = None,
     tol: float | None = None,
+    exit_on: str = "grad",
 ) -> torch.Tensor:
     """Append ``max_new_tokens`` tokens to ``idx`` (B, T); returns (B, T + max_new_tokens).
 
@@ -227,11 +238,14 @@ def generate(
 
     Step options (see the module docstring): ``n_steps`` (recurrent models) decodes with that many steps
     instead of the trained number, and ``tol`` (NRGPT) with early exit, a token frozen once
-    ||dE_A/dg_A|| < tol after at most ``n_steps`` steps per block.
+    ||dE_A/dg_A|| < tol (``exit_on='grad'``) or once its energy changes by less than tol (1 + |E_A|) in a
+    step (``exit_on='energy'``), after at most ``n_steps`` steps per block.
     """
     if tol is not None and not model.config.is_energy_model:
         raise ValueError(f"early-exit decoding (tol) needs an NRGPT model; this is a {model.config.model!r}")
     descent = {name: value for name, value in (("n_steps", n_steps), ("tol", tol)) if value is not None}
+    if tol is not None:
+        descent["exit_on"] = exit_on
     was_training = model.training
     model.eval()
     block = model.config.block_size

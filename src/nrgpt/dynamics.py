@@ -32,10 +32,12 @@ With the noise floor tol_A^(t) = energy_tol * (1 + |E_A^(t)|):
 Early exit (variable computation)
 ---------------------------------
 ``EarlyExit`` runs the same dynamics (``nrgpt.energy.descent`` with a tolerance) but freezes each token
-once its gradient norm ||dE_A/dg_A^(t)|| falls below ``tol``: from that step on its state is kept (it
+once its gradient norm ||dE_A/dg_A^(t)|| falls below ``tol`` (``exit_on='grad'``), or once its energy
+changed by less than the noise floor tol (1 + |E_A|) over its last step (``exit_on='energy'``, the settling
+criterion above; meaningful where descent is guaranteed): from that step on its state is kept (it
 takes no more steps, even if its gradient grows again as earlier tokens keep moving). A frozen token
 still serves as a key, with its frozen state, for the later tokens that attend to it. Token A's freeze
-decision depends only on its gradient, which depends only on tokens B <= A, so causality is kept: no
+decision depends only on its gradient or energy, which depend only on tokens B <= A, so causality is kept: no
 token ever sees a later one, in the full forward as in cached decoding. The batched implementation still
 computes frozen tokens (masked); the step counts measure what a per-token implementation would compute.
 ``tol = 0`` never freezes (the fixed-steps model); a huge tol freezes every token before its first step
@@ -60,7 +62,7 @@ import torch.nn.functional as F
 
 from .argtypes import comma_list, integer, number, seed
 from .depth import AtSteps, depth_curve
-from .energy import DescentStep, EnergyBlock
+from .energy import EXIT_RULES, DescentStep, EnergyBlock
 from .evaluate import ListOpsSamples, load_listops_samples, score_listops
 from .model import NRGPT, LanguageModel
 from .plots import index_colorbar, indexed_lines, mark_x, new_figure, save_png, style_axes
@@ -246,21 +248,22 @@ def summarize_dynamics(dyn: Dynamics, energy_tol: float = DEFAULT_ENERGY_TOL) ->
 
 
 class EarlyExit(AtSteps):
-    """An NRGPT evaluated with early exit: ``model``'s descent with tolerance ``tol`` and at most
-    ``max_steps`` steps (default: the trained number); see ``NRGPT.run`` and ``nrgpt.energy.descent``.
+    """An NRGPT evaluated with early exit: ``model``'s descent with tolerance ``tol`` on the gradient norm
+    (``exit_on='grad'``) or on the energy change ('energy') and at most ``max_steps`` steps (default: the
+    trained number); see ``NRGPT.run`` and ``nrgpt.energy.descent``.
     The interface of ``nrgpt.depth.AtSteps`` (``logits, loss = ee(idx, targets)``, ``forward_cached(idx,
     cache)``, ``config``), early exit included; ``run(idx)`` also returns every token's number of steps."""
 
-    def __init__(self, model: NRGPT, tol: float, max_steps: int | None = None):
+    def __init__(self, model: NRGPT, tol: float, max_steps: int | None = None, exit_on: str = "grad"):
         super().__init__(require_energy_model(model), max_steps)
-        self.tol = tol
+        self.tol, self.exit_on = tol, exit_on
 
     def step_options(self) -> dict[str, Any]:
-        return {"n_steps": self.n_steps, "tol": self.tol}
+        return {"n_steps": self.n_steps, "tol": self.tol, "exit_on": self.exit_on}
 
     def run(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, V) and steps per token (B, T)."""
-        return self.model.run(idx, self.n_steps, self.tol)
+        return self.model.run(idx, self.n_steps, self.tol, self.exit_on)
 
 
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
@@ -312,9 +315,11 @@ def _language_early_exit(ee: EarlyExit, batches: Batches) -> dict[str, float]:
 
 
 def early_exit_curve(model: NRGPT, data: Batches | ListOpsSamples, tolerances: Sequence[float], *,
-                     max_steps: int | None = None, batch_size: int = 64) -> list[dict[str, float]]:
-    """For each tolerance: {"tol", "avg_steps", "loss" or "accuracy"} of ``EarlyExit(model, tol, max_steps)``."""
-    return [{"tol": tol, **evaluate_early_exit(EarlyExit(model, tol, max_steps), data, batch_size)}
+                     max_steps: int | None = None, batch_size: int = 64,
+                     exit_on: str = "grad") -> list[dict[str, float]]:
+    """For each tolerance: {"tol", "avg_steps", "loss" or "accuracy"} of ``EarlyExit(model, tol, max_steps,
+    exit_on)``."""
+    return [{"tol": tol, **evaluate_early_exit(EarlyExit(model, tol, max_steps, exit_on), data, batch_size)}
             for tol in tolerances]
 
 
@@ -384,7 +389,11 @@ def descent_figure(dyn: Dynamics, energy_tol: float = DEFAULT_ENERGY_TOL, title:
     return fig
 
 
-def early_exit_figure(curve: list[dict[str, float]], fixed: list[dict[str, float]], title: str = ""):
+EXIT_LABELS = {"grad": r"$\|\partial E_A/\partial g_A\|$", "energy": r"$|\Delta E_A| / (1 + |E_A|)$"}
+
+
+def early_exit_figure(curve: list[dict[str, float]], fixed: list[dict[str, float]], title: str = "",
+                      exit_on: str = "grad"):
     """Loss or accuracy against the average number of steps: early exit (one point per tolerance) and the
     fixed-steps model cut at each number of steps."""
     metric = "accuracy" if "accuracy" in curve[0] else "loss"
@@ -397,7 +406,7 @@ def early_exit_figure(curve: list[dict[str, float]], fixed: list[dict[str, float
         ax.annotate(f"{p['tol']:g}", (p["avg_steps"], p[metric]), textcoords="offset points", xytext=(4, 4),
                     fontsize="x-small", color="C3")
     style_axes(ax, xlabel="average steps per token", ylabel=metric,
-               title="energy-based early exit (labels: tolerance on $\\|\\partial E_A/\\partial g_A\\|$)")
+               title=f"early exit (labels: tolerance on {EXIT_LABELS[exit_on]})")
     ax.legend()
     return fig
 
@@ -481,7 +490,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
           "pairs")
     for point in s.get("early_exit", []):
         metric = "accuracy" if "accuracy" in point else "loss"
-        print(f"early exit tol {point['tol']:g}: {point['avg_steps']:.2f} steps/token, {metric} {point[metric]:.4f}")
+        print(f"early exit ({s['early_exit_on']}) tol {point['tol']:g}: {point['avg_steps']:.2f} steps/token, "
+              f"{metric} {point[metric]:.4f}")
     for point in s.get("fixed_steps", []):
         metric = "accuracy" if "accuracy" in point else "loss"
         print(f"fixed {point['steps']} steps: {metric} {point[metric]:.4f}")
@@ -519,9 +529,12 @@ def main(args: argparse.Namespace) -> int:
         tolerances = args.early_exit
         data = _early_exit_data(args, idx, data_dir)
         max_steps = args.early_exit_steps or model.config.n_steps
-        summary["early_exit"] = early_exit_curve(model, data, tolerances, max_steps=max_steps)
+        summary["early_exit"] = early_exit_curve(model, data, tolerances, max_steps=max_steps,
+                                                 exit_on=args.early_exit_on)
+        summary["early_exit_on"] = args.early_exit_on
         summary["fixed_steps"] = fixed_steps_curve(model, data, range(max_steps + 1))
-        save_png(early_exit_figure(summary["early_exit"], summary["fixed_steps"], title=name), out / "early_exit.png")
+        save_png(early_exit_figure(summary["early_exit"], summary["fixed_steps"], title=name,
+                                   exit_on=args.early_exit_on), out / "early_exit.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     _print_summary(summary)
     print(f"wrote {out}/: energy.png, descent.png{', early_exit.png' if args.early_exit else ''}, dynamics.npz, "
@@ -552,7 +565,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="steps to run (default: the trained number; more probes asymptotic stability)")
     p.add_argument("--out", help="output directory (default: RUN/dynamics, or dynamics/NAME for a .pt file)")
     p.add_argument("--early-exit", metavar="TOL1,TOL2,...", type=comma_list(number(0), "0.1,0.01"),
-                   help="gradient-norm tolerances: loss (or ListOps accuracy) against average steps, vs fixed steps")
+                   help="early-exit tolerances: loss (or ListOps accuracy) against average steps, vs fixed steps")
+    p.add_argument("--early-exit-on", choices=sorted(EXIT_RULES), default="grad",
+                   help="what the tolerance applies to: the gradient norm ||dE_A/dg_A|| (grad, default) or the "
+                        "energy change |dE_A| / (1 + |E_A|) over a step (energy)")
     p.add_argument("--early-exit-steps", type=integer(1), default=None,
                    help="most steps a token may take under early exit (default: the trained number)")
     p.add_argument("--early-exit-samples", type=integer(1), default=200,

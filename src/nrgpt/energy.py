@@ -12,7 +12,8 @@ equation, its ``energy`` and its closed-form ``grad`` (docs/model.md lists them)
 
 ``descent`` is eq. 6 written once: an iterator over the steps of one or more blocks (recursive blocks:
 each applied n_steps times in turn) that yields what each step computed. The forward pass, cached
-decoding, ``NRGPT.energy_trajectory``, the dynamics recorder, early exit (a gradient-norm tolerance),
+decoding, ``NRGPT.energy_trajectory``, the dynamics recorder, early exit (a tolerance on the gradient
+norm or on the energy change),
 activation checkpointing and truncated backpropagation (a graph for the last k steps only) all run it.
 """
 
@@ -75,16 +76,21 @@ class EnergyBlock(nn.Module):
         return (g,) if cond is None else (g, cond)
 
     def energy(
-        self, g: torch.Tensor, context: torch.Tensor | None = None, cond: torch.Tensor | None = None
+        self, g: torch.Tensor, context: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+        cache: KVCache | None = None, slot: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(E, E^AT, s E^FF), each (B, T): every token's energy at normalised states g (B, T, D).
 
-        ``context`` (default g) supplies the attention keys: E_A(g_A; context_B for B != A).
+        ``context`` (default g) supplies the attention keys: E_A(g_A; context_B for B != A). With a cache
+        (decoding), the keys are those stored in its slot ``slot`` this step, the new tokens' included.
         """
         e_ff = self._s(self.ff.energy(*self._ff_inputs(g, cond)))
         if self.attn is None:
             return e_ff, torch.zeros_like(e_ff), e_ff
-        e_att = self.attn.energy(g, self.attn.keys(g if context is None else context))
+        if cache is None:
+            e_att = self.attn.energy(g, self.attn.keys(g if context is None else context))
+        else:
+            e_att = self.attn.energy(g, cache.stored_keys(slot), cache.visible(self.attn.strict))
         return e_att + e_ff, e_att, e_ff
 
     def energy_grad(
@@ -165,26 +171,69 @@ def truncated_state(x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     return x0 + (x - x0).detach()
 
 
+class GradientNormExit:
+    """Early exit on the gradient: token A keeps moving at step t while ||dE_A/dg_A^(t)|| >= tol."""
+
+    def __init__(self, tol: float):
+        self.tol = tol
+
+    def new_block(self) -> None:
+        pass
+
+    def keep_moving(self, block: EnergyBlock, g: torch.Tensor, cond: torch.Tensor | None, grad: torch.Tensor,
+                    cache: KVCache | None, slot: int) -> torch.Tensor:
+        return grad.norm(dim=-1) >= self.tol
+
+
+class EnergyChangeExit(GradientNormExit):
+    """Early exit on the energy: token A keeps moving at step t > 0 while its energy changed by at least the
+    noise floor over the last step, |E_A^(t) - E_A^(t-1)| >= tol (1 + |E_A^(t-1)|) (the settling criterion of
+    ``nrgpt.dynamics``); every token takes the first step (and the first of each later block it reaches:
+    each block has its own energy). Where descent is guaranteed
+    (Prop. 2.1, 2.2) the energy falls step by step, so a small change means the token has settled. It costs
+    one evaluation of the energy per step."""
+
+    def new_block(self) -> None:
+        self.last = None  # each block has its own energy
+
+    def keep_moving(self, block: EnergyBlock, g: torch.Tensor, cond: torch.Tensor | None, grad: torch.Tensor,
+                    cache: KVCache | None, slot: int) -> torch.Tensor:
+        energy = block.energy(g, cond=cond, cache=cache, slot=slot)[0]
+        last, self.last = self.last, energy
+        if last is None:
+            return torch.ones_like(energy, dtype=torch.bool)
+        return (energy - last).abs() >= self.tol * (1 + last.abs())
+
+
+EXIT_RULES = {"grad": GradientNormExit, "energy": EnergyChangeExit}  # descent's exit_on
+
+
 def descent(
     blocks: Sequence[EnergyBlock], x: torch.Tensor, n_steps: int, *, cache: KVCache | None = None,
-    tol: float | None = None, checkpoint_steps: bool = False, backprop_steps: int = 0,
+    tol: float | None = None, exit_on: str = "grad", checkpoint_steps: bool = False, backprop_steps: int = 0,
 ) -> Iterator[DescentStep]:
     """Run eq. 6 from x^(0) = ``x``: each block in turn, ``n_steps`` steps each; yield every step.
 
-    ``tol`` (early exit): a token stops for good once ||dE_A/dg_A|| < tol; its state is kept, and it keeps
-    serving as a key (with that state) for later tokens. The freeze depends only on the token's own
-    gradient, which depends on tokens B <= A, so causality holds. ``checkpoint_steps``: recompute each
-    step's activations in the backward pass instead of storing them (same results). ``backprop_steps`` = k
-    > 0 (truncated backpropagation): of the len(blocks) x n_steps steps, counted across blocks, only the
-    last k record an autograd graph; the earlier ones run under ``torch.no_grad``, and the state entering
-    the first recorded step is ``truncated_state`` (gradient to x^(0) through the identity). The FF
-    conditioning norm(x^(0)) keeps its graph.
+    ``tol`` (early exit): a token stops for good once ||dE_A/dg_A|| < tol (``exit_on`` 'grad') or once its
+    energy changes by less than tol (1 + |E_A|) in a step ('energy', ``EnergyChangeExit``); its state is
+    kept, and it keeps serving as a key (with that state) for later tokens. The freeze depends only on the
+    token's own gradient or energy, which depend on tokens B <= A, so causality holds.
+    ``checkpoint_steps``: recompute each step's activations in the backward pass instead of storing them
+    (same results). ``backprop_steps`` = k > 0 (truncated backpropagation): of the len(blocks) x n_steps
+    steps, counted across blocks, only the last k record an autograd graph; the earlier ones run under
+    ``torch.no_grad``, and the state entering the first recorded step is ``truncated_state`` (gradient to
+    x^(0) through the identity). The FF conditioning norm(x^(0)) keeps its graph.
     """
     x0 = x
+    if exit_on not in EXIT_RULES:
+        raise ValueError(f"exit_on={exit_on!r}: early exit is on one of {sorted(EXIT_RULES)}")
+    rule = None if tol is None else EXIT_RULES[exit_on](tol)
     active = None if tol is None else torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     index, first_graph = 0, first_graph_step(len(blocks) * n_steps, backprop_steps)
     for block in blocks:
         cond = block.norm(x0) if block.input_conditioned else None
+        if rule is not None:
+            rule.new_block()
         for t in range(n_steps):
             graph = index >= first_graph
             if index == first_graph > 0:
@@ -197,7 +246,7 @@ def descent(
                 if active is None:
                     x_next = x - delta
                 else:
-                    active = active & (grad.norm(dim=-1) >= tol)
+                    active = active & rule.keep_moving(block, g, c, grad, cache, index)
                     x_next = torch.where(active[..., None], x - delta, x)
             yield DescentStep(index, block, x, g, c, grad, x_next, active)
             x, index = x_next, index + 1

@@ -71,7 +71,8 @@ class LanguageModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """logits (B, T, vocab) and the mean cross-entropy against ``targets`` (ignore_index -1). ``steps``
         go to ``body``: ``n_steps`` and ``backprop_steps`` (recurrent models; training with a random
-        number of steps, ``train.steps_distribution``, passes both), for NRGPT also the early-exit ``tol``."""
+        number of steps, ``train.steps_distribution``, passes both), for NRGPT also the early-exit ``tol``
+        and ``exit_on``."""
         logits = self.lm_head(self.ln_f(self.body(self.embed(idx), **steps)))
         loss = None
         if targets is not None:
@@ -137,26 +138,28 @@ class NRGPT(LanguageModel):
         return list(self.blocks)
 
     def descent(self, x: torch.Tensor, cache: KVCache | None = None, n_steps: int | None = None,
-                tol: float | None = None, backprop_steps: int = 0) -> Iterator[DescentStep]:
+                tol: float | None = None, backprop_steps: int = 0, exit_on: str = "grad") -> Iterator[DescentStep]:
         """``nrgpt.energy.descent`` over this model's blocks: ``n_steps`` per block (default: the trained
-        number; may be more or fewer), early exit at gradient norm ``tol``, activation checkpointing in
-        training when ``checkpoint_steps`` is set, a graph for the last ``backprop_steps`` steps only."""
+        number; may be more or fewer), early exit at ``tol`` on the gradient norm or the energy change
+        (``exit_on``: 'grad' or 'energy'), activation checkpointing in training when ``checkpoint_steps`` is
+        set, a graph for the last ``backprop_steps`` steps only."""
         return descent(self.blocks, x, self.config.n_steps if n_steps is None else n_steps, cache=cache, tol=tol,
-                       checkpoint_steps=self.config.checkpoint_steps and self.training and torch.is_grad_enabled(),
-                       backprop_steps=backprop_steps)
+                       exit_on=exit_on, backprop_steps=backprop_steps,
+                       checkpoint_steps=self.config.checkpoint_steps and self.training and torch.is_grad_enabled())
 
     def body(self, x: torch.Tensor, cache: KVCache | None = None, n_steps: int | None = None,
-             tol: float | None = None, backprop_steps: int = 0) -> torch.Tensor:
-        for step in self.descent(x, cache, n_steps, tol, backprop_steps):
+             tol: float | None = None, backprop_steps: int = 0, exit_on: str = "grad") -> torch.Tensor:
+        for step in self.descent(x, cache, n_steps, tol, backprop_steps, exit_on):
             x = step.x_next
         return x
 
     def run(self, idx: torch.Tensor, n_steps: int | None = None,
-            tol: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, T, V) and every token's number of steps taken (B, T) under early exit at ``tol``."""
+            tol: float | None = None, exit_on: str = "grad") -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, V) and every token's number of steps taken (B, T) under early exit at ``tol``
+        (``exit_on``: on the gradient norm or the energy change; ``nrgpt.energy.descent``)."""
         x = self.embed(idx)
         taken = torch.zeros(idx.shape, dtype=torch.long, device=idx.device)
-        for step in self.descent(x, None, n_steps, tol):
+        for step in self.descent(x, None, n_steps, tol, exit_on=exit_on):
             x = step.x_next
             taken += 1 if step.active is None else step.active
         return self.lm_head(self.ln_f(x)), taken

@@ -5,7 +5,8 @@
 A prompt longer than the model's block is cropped to its last ``block_size`` tokens (with a notice);
 characters or tokens outside the vocabulary are an error naming them. Sampling is seeded, so the same
 command prints the same text. ``--early-exit TOL`` (NRGPT) decodes with energy-based early exit: a token
-stops descending once ||dE_A/dg_A|| < TOL, after at most ``--early-exit-steps`` steps.
+stops descending once ||dE_A/dg_A|| < TOL (or, with ``--early-exit-on energy``, once its energy changes by
+less than TOL (1 + |E_A|) in a step), after at most ``--early-exit-steps`` steps.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .checkpoint import load_run
 from .config import ConfigError
 from .data import Tokenizer, load_tokenizer
 from .device import pick_device
+from .energy import EXIT_RULES
 from .model import LanguageModel
 from .runconfig import DEVICES
 
@@ -47,12 +49,13 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, g
 def generate_text(model: LanguageModel, tokenizer: Tokenizer, prompt: str = "", *, num_samples: int = 1,
                   max_new_tokens: int = 500, temperature: float = 0.8, top_k: int | None = None,
                   top_p: float | None = None, greedy: bool = False, seed: int = 0, tol: float | None = None,
-                  n_steps: int | None = None, notice: Callable[[str], None] = _note) -> list[str]:
+                  n_steps: int | None = None, exit_on: str = "grad",
+                  notice: Callable[[str], None] = _note) -> list[str]:
     """``num_samples`` continuations of ``prompt`` (each returned with its prompt, cropped to the block).
 
     An empty prompt starts from the end-of-sequence token (token 0 if the vocabulary has none), which is
     then not part of the text. DataError if the prompt holds symbols outside the vocabulary. ``tol``
-    (NRGPT: early exit) and ``n_steps``: ``generate``'s step options.
+    and ``exit_on`` (NRGPT: early exit) and ``n_steps``: ``generate``'s step options.
     """
     check_sampling(temperature, top_k, top_p, greedy, num_samples, max_new_tokens)
     ids = tokenizer.encode(prompt) if prompt else []
@@ -66,7 +69,7 @@ def generate_text(model: LanguageModel, tokenizer: Tokenizer, prompt: str = "", 
     idx = torch.tensor([start] * num_samples, dtype=torch.long, device=device)
     generator = torch.Generator(device).manual_seed(seed)
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                         generator=generator, tol=tol, n_steps=n_steps)
+                         generator=generator, tol=tol, n_steps=n_steps, exit_on=exit_on)
     keep = len(start) - len(ids)
     return [tokenizer.decode(row[keep:].tolist()) for row in out]
 
@@ -85,6 +88,8 @@ def main(args: argparse.Namespace) -> int:
     prompt = _prompt(args)
     if args.early_exit_steps is not None and args.early_exit is None:
         raise ConfigError("--early-exit-steps is the most steps under early exit: give --early-exit TOL too")
+    if args.early_exit_on != "grad" and args.early_exit is None:
+        raise ConfigError("--early-exit-on says what the early-exit tolerance applies to: give --early-exit TOL too")
     model, _, data_dir = load_run(args.run, pick_device(args.device), args.checkpoint, args.data_dir)
     if args.early_exit is not None and not model.config.is_energy_model:
         raise ConfigError(f"--early-exit needs an NRGPT model; {args.run} holds a {model.config.model!r} model, "
@@ -96,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
     texts = generate_text(model, tokenizer, prompt, num_samples=args.num_samples,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, greedy=args.greedy, seed=args.seed, tol=args.early_exit,
-                          n_steps=args.early_exit_steps)
+                          n_steps=args.early_exit_steps, exit_on=args.early_exit_on)
     for i, text in enumerate(texts):
         if i:
             print("-" * 40)
@@ -119,7 +124,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--seed", type=seed, default=default_of(generate_text, "seed"))
     p.add_argument("--early-exit", metavar="TOL", type=number(0), default=None,
-                   help="NRGPT: early-exit decoding, a token stops descending once its gradient norm is below TOL")
+                   help="NRGPT: early-exit decoding, a token stops descending once its gradient norm (or, with "
+                        "--early-exit-on energy, its energy change) is below TOL")
+    p.add_argument("--early-exit-on", choices=sorted(EXIT_RULES), default="grad",
+                   help="grad (default): the tolerance is on ||dE_A/dg_A||; energy: on |dE_A| / (1 + |E_A|) "
+                        "over a step")
     p.add_argument("--early-exit-steps", type=integer(1), default=None,
                    help="most steps a token may take under early exit (default: the trained number)")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best",
