@@ -70,6 +70,17 @@ def test_an_option_the_model_does_not_use_is_an_error():
         resolve_config("shakespeare-rgpt-p", ["model.mask=strict"])  # a later layer than the model's
 
 
+def test_an_inference_rate_option_its_eta_does_not_use_is_an_error():
+    with pytest.raises(ConfigError, match=r"^model.eta_rank = 4 does not apply to model.eta = 'free': it is an option "
+                                          r"of eta 'diag_lowrank'; remove it or pick one of those$"):
+        ModelConfig.preset("NRGPT_H_FF2W", eta_rank=4)
+    with pytest.raises(ConfigError, match="model.eta_init = 0.5 does not apply to model.eta = 'identity': it is an "
+                                          "option of eta 'descent' or 'psd' or 'diag_lowrank'"):
+        resolve_config(None, ["model.preset=NRGPT_P_FF2W", "model.eta=identity", "model.eta_init=0.5"])
+    assert ModelConfig.preset("NRGPT_P_PRECOND", eta_rank=4, eta_init=0.5).eta_rank == 4
+    assert ModelConfig.preset("NRGPT_P_FF2W", eta_init=0.5).eta == "descent"
+
+
 def test_a_preset_file_is_checked_the_same_way(tmp_path):
     (tmp_path / "bad.toml").write_text('[model]\npreset = "GPT"\nff = "ff1"\n')
     with pytest.raises(ConfigError, match="model.ff = 'ff1' does not apply to GPT"):

@@ -23,6 +23,7 @@ BASELINES = MODELS[1:]
 MASKS = ("strict", "inclusive")
 NORMS = ("layernorm", "rmsnorm", "bare_layernorm", "none")
 ETAS = ("free", "descent", "psd", "diag_lowrank", "identity")
+ETA_OPTIONS = {"eta_init": ("descent", "psd", "diag_lowrank"), "eta_rank": ("diag_lowrank",)}  # who uses them
 GRAD_MODES = ("exact", "reference")
 
 
@@ -128,6 +129,11 @@ class ModelConfig:
         choice("ff", tuple(FF_ENERGIES))
         choice("norm", NORMS)
         choice("eta", ETAS)
+        for name, etas in ETA_OPTIONS.items():
+            value = getattr(self, name)
+            if self.eta not in etas and value != type(self).__dataclass_fields__[name].default:
+                raise ConfigError(f"model.{name} = {value!r} does not apply to model.eta = {self.eta!r}: it is an "
+                                  f"option of eta {' or '.join(repr(e) for e in etas)}; remove it or pick one of those")
         choice("grad_mode", GRAD_MODES)
         if self.vocab_size is not None:
             positive_int("vocab_size")

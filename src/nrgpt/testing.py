@@ -45,7 +45,7 @@ def _small(config: ModelConfig, tokens: int) -> ModelConfig:
     return config.replace(
         model="nrgpt", vocab_size=11, block_size=tokens, n_embd=min(config.n_embd, 8 * config.n_head),
         ff_mult=min(config.ff_mult, 2), n_steps=min(config.n_steps, 3), dropout=0.0, checkpoint_steps=False,
-        eta_rank=min(config.eta_rank, 4),
+        eta_rank=min(config.eta_rank, 4) if config.eta == "diag_lowrank" else config.eta_rank,
     )
 
 
@@ -121,7 +121,9 @@ def _check_descent(config: ModelConfig, idx: torch.Tensor, seed: int) -> list[st
     if config.eta == "diag_lowrank":  # the lightweight preconditioner: Prop. 2.2's argument
         cases.append(("none", "diag_lowrank"))
     for norm, eta in cases:
-        cfg = config.replace(norm=norm, eta=eta, eta_init=1e-3, eta_per_step=False, grad_mode="exact", mask=mask)
+        rank = config.eta_rank if eta == "diag_lowrank" else ModelConfig.eta_rank
+        cfg = config.replace(norm=norm, eta=eta, eta_init=1e-3, eta_rank=rank, eta_per_step=False, grad_mode="exact",
+                             mask=mask)
         model = _random_model(cfg, seed, std=0.2)
         dyn = record_dynamics(model, idx)
         moving = dyn.grad_norm[:-1] > 1e-8
