@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .data import load_meta
-from .errors import CheckpointError, ConfigError, DataError, first_line
+from .errors import CheckpointError, ConfigError, DataError, first_line, read_parsed
 from .model import LanguageModel, build_model, rename_legacy_weights
 from .runconfig import RunConfig
 
@@ -99,12 +99,7 @@ def resolve(run_or_ckpt: str | Path, which: str = "best") -> Path:
 def read_info(ckpt: str | Path) -> dict[str, Any]:
     """checkpoint.json of a checkpoint directory."""
     path = Path(ckpt) / INFO
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    info = read_parsed(path, json.loads, CheckpointError)
     if not isinstance(info, dict) or info.get("format") != FORMAT or "config" not in info:
         raise CheckpointError(f"{path} is not an nrgpt checkpoint (format {FORMAT!r})")
     return info

@@ -8,6 +8,10 @@ whose loss became non-finite (exit status 1, the last good checkpoint intact).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 
 class UserError(ValueError):
     """Bad input a user can fix; the message is one line: what is wrong and how to fix it."""
@@ -36,3 +40,16 @@ class DivergenceError(RuntimeError):
 def first_line(e: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message, at most ``limit`` characters: for one-line error messages."""
     return (str(e).strip().splitlines() or [""])[0][:limit]
+
+
+def read_parsed(path: str | Path, parse: Callable[[str], Any], error: type[UserError], *, kind: str = "JSON",
+                missing: str | None = None, fix: str = "") -> Any:
+    """``parse`` of the UTF-8 text at ``path``, or ``error`` with one line: ``missing`` (default: "PATH does
+    not exist") when there is no such file, "PATH is not valid KIND (why)" and then ": fix" when it does not
+    parse."""
+    try:
+        return parse(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(missing or f"{path} does not exist") from None
+    except ValueError as e:  # JSONDecodeError, TOMLDecodeError and UnicodeDecodeError are ValueErrors
+        raise error(f"{path} is not valid {kind} ({first_line(e)})" + (f": {fix}" if fix else "")) from None

@@ -40,6 +40,7 @@ import yaml
 
 from .argtypes import SEED_MAX
 from .config import PRESETS, ConfigError, ModelConfig, _check_type, unused_options
+from .errors import read_parsed
 
 try:
     import tomllib
@@ -294,12 +295,7 @@ class RunConfig:
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
         """A config saved by ``save`` (a run's config.json)."""
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path} is not valid JSON ({e})") from None
+        data = read_parsed(path, json.loads, ConfigError)
         return cls.from_dict(_table(str(path), data), drop_unused=True)
 
 

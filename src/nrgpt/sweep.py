@@ -75,6 +75,7 @@ from typing import Any
 
 from .config import ConfigError
 from .data import load_meta
+from .errors import read_parsed
 from .runconfig import RunConfig, defaults, layer, load_preset, merge
 from .rundir import write_text_atomic
 from .tables import (
@@ -291,12 +292,7 @@ def _read_sweep_file(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]
     """A sweep file's settings; with ``extends = "other.toml"`` (relative to this file) laid over that file's
     settings, table by table (a list, such as a grid axis, is replaced whole; name and out_dir are not
     inherited)."""
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SweepError(f"sweep file {path} does not exist") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise SweepError(f"{path} is not valid TOML: {e}") from None
+    raw = read_parsed(path, tomllib.loads, SweepError, kind="TOML", missing=f"sweep file {path} does not exist")
     _table(str(path), raw, TOP_KEYS)
     parent = raw.pop("extends", None)
     if parent is None:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, read_parsed
 
 KINDS = ("char", "listops", "bpe", "gpt2")
 SPLITS = ("train", "val")
@@ -44,10 +44,7 @@ def load_meta(data_dir: str | Path) -> dict[str, Any]:
     path = data_dir / "meta.json"
     if not path.is_file():
         raise DataError(f"data directory {data_dir} has no meta.json: {hint}")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e}): prepare the dataset again") from e
+    meta = read_parsed(path, json.loads, DataError, fix="prepare the dataset again")
     if not isinstance(meta, dict):
         raise DataError(f"{path} does not hold a JSON object: prepare the dataset again")
     missing = [k for k in _REQUIRED_META if k not in meta]

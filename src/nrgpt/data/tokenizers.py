@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import read_parsed
 from .stream import DataError, load_meta
 
 EOS_TEXT = "<|endoftext|>"
@@ -188,12 +189,8 @@ class GPT2Tokenizer(Tokenizer):
 def read_vocab(data_dir: str | Path) -> list[str]:
     """The ordered symbol list in ``data_dir/vocab.json``."""
     path = Path(data_dir) / "vocab.json"
-    try:
-        symbols = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path} is missing: prepare the dataset again") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON ({e}): prepare the dataset again") from e
+    symbols = read_parsed(path, json.loads, DataError, missing=f"{path} is missing: prepare the dataset again",
+                          fix="prepare the dataset again")
     if not isinstance(symbols, list) or not all(isinstance(s, str) and s for s in symbols):
         raise DataError(f"{path} must hold a list of non-empty strings: prepare the dataset again")
     return symbols

@@ -35,7 +35,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, read_parsed
 
 RUN_FILE = "nrgpt_run.json"
 FORMAT = "nrgpt-export-1"
@@ -171,12 +171,8 @@ def is_exported(path: str | Path) -> bool:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: export the run again (nrgpt export RUN_DIR OUT_DIR)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}): export the run again") from None
+    data = read_parsed(path, json.loads, CheckpointError, fix="export the run again",
+                       missing=f"{path} is missing: export the run again (nrgpt export RUN_DIR OUT_DIR)")
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} does not hold a JSON object: export the run again")
     return data
