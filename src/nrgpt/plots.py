@@ -12,6 +12,7 @@ the paper's Figure 2.
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,8 +35,8 @@ def new_figure(nrows: int = 1, ncols: int = 1, *, panel_size: tuple[float, float
     fig = Figure(figsize=(panel_size[0] * ncols, panel_size[1] * nrows), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, sharex=sharex, squeeze=False)
-    if title:
-        fig.suptitle(title)
+    if title:  # wrapped to the figure's width (about 9 characters an inch at the default size)
+        fig.suptitle(textwrap.fill(title, max(30, int(9 * panel_size[0] * ncols))))
     return fig, axes
 
 
