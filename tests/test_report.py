@@ -89,12 +89,25 @@ def test_sweep_report_has_tables_and_embedded_figures(tmp_path):
     html = page.read_text()
     pngs = embedded_pngs(html)
     assert len(pngs) == 2 and all(p.startswith(b"\x89PNG") for p in pngs)
+    assert "## Evaluation curves" not in md.read_text()  # no run has its metrics.jsonl here
     assert "<table>" in html and "<th>n_params at 80%</th>" in html and "<td>A-1000-0</td>" in html
     text = md.read_text()
     assert "![" in text and "(report_files/figure3.png)" in text and "(report_files/figure4.png)" in text
     assert (sweep_dir / "report_files" / "figure3.png").read_bytes() == pngs[0]
     assert "| model | runs | best accuracy | n_params at 80% |" in text
     assert "## Best configuration of each model (Tables 4/6)" in text
+
+
+def test_sweep_report_draws_every_run_s_evaluation_curves(tmp_path):
+    runs = logistic_runs("A", 4.2)[:3]
+    sweep_dir = make_sweep_dir(tmp_path, runs)
+    for i, r in enumerate(runs):
+        evals = [{"iter": it, "train_loss": 2.0 - it / 100, "val_loss": 2.1 - it / 100, "accuracy": it / 100 * i / 3}
+                 for it in (0, 50, 100)]
+        (sweep_dir / "runs" / r["slug"] / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+    page, md = write_report(sweep_dir)
+    assert len(embedded_pngs(page.read_text())) == 2 and "(report_files/curves.png)" in md.read_text()  # Fig. 3, curves
+    assert (sweep_dir / "report_files" / "curves.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_run_report(tmp_path):

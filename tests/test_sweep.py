@@ -182,6 +182,23 @@ def test_changed_base_in_existing_sweep_dir_is_refused(tmp_path, listops_dir):
         run_sweep(changed, shard=(0, 100), train_fn=fake_train, log=lambda _: None)
 
 
+def test_a_sweep_dir_written_before_a_setting_existed_still_resumes(tmp_path, listops_dir):
+    """A sweep.toml without a setting that nrgpt has since added ran with that setting's default: resuming is
+    allowed while the sweep keeps the default, and refused once it sets another value."""
+    sweep = load_sweep(write_sweep(tmp_path, GRID, data=listops_dir), out_dir=tmp_path / "sw")
+    run_sweep(sweep, shard=(0, 100), train_fn=fake_train, log=lambda _: None)
+    spec = tmp_path / "sw" / "sweep.toml"
+    text = spec.read_text()
+    assert "eval_accuracy_samples = 0\n" in text
+    spec.write_text(text.replace("eval_accuracy_samples = 0\n", ""))  # as an older nrgpt wrote it
+    run_sweep(sweep, shard=(0, 100), train_fn=fake_train, log=lambda _: None)
+    spec.write_text(text.replace("eval_accuracy_samples = 0\n", ""))
+    base = TINY_BASE + "train.eval_accuracy_samples = 3\n"
+    changed = load_sweep(write_sweep(tmp_path, GRID, data=listops_dir, base=base), out_dir=tmp_path / "sw")
+    with pytest.raises(SweepError, match=r"different base \(base.train.eval_accuracy_samples: 0 there, 3 now\)"):
+        run_sweep(changed, shard=(0, 100), train_fn=fake_train, log=lambda _: None)
+
+
 # ------------------------------------------------------------------------------------------ results table
 
 

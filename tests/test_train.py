@@ -16,6 +16,8 @@ import torch
 
 from nrgpt import checkpoint
 from nrgpt.config import ConfigError
+from nrgpt.data import prepare_listops
+from nrgpt.evaluate import listops_accuracy
 from nrgpt.runconfig import RunConfig, TrainConfig, resolve_config
 from nrgpt.train import DivergenceError, lr_at, make_optimizer, train
 
@@ -75,7 +77,7 @@ def test_short_run_learns_and_writes_its_run_dir(data_dir, tmp_path):
     assert [r["iter"] for r in steps] == list(range(60))
     assert all(r["tokens_per_s"] > 0 and r["lr"] > 0 for r in steps)
     header = (run / "metrics.csv").read_text().splitlines()[0]
-    assert header == "iter,loss,lr,tokens_per_s,elapsed,train_loss,val_loss,steps"
+    assert header == "iter,loss,lr,tokens_per_s,elapsed,train_loss,val_loss,steps,accuracy"
     assert all("steps" not in r for r in records(run))  # fixed steps: the column stays empty
     assert json.loads((run / "result.json").read_text()) == result
     saved = RunConfig.load(run / "config.json")
@@ -84,6 +86,25 @@ def test_short_run_learns_and_writes_its_run_dir(data_dir, tmp_path):
     assert checkpoint.read_info(run / "best")["val_loss"] == result["best_val_loss"]
     model, config = checkpoint.load_model(run)
     assert config.to_dict() == saved.to_dict() and not model.training
+
+
+def test_listops_accuracy_is_logged_at_every_evaluation(data_dir, tmp_path):
+    """``train.eval_accuracy_samples``: the accuracy of the first N test samples at every evaluation, and at
+    the end the accuracy of the final model (the last checkpoint) on them; a language dataset refuses it."""
+    data = prepare_listops(tmp_path / "listops", n_train=300, n_test=12)
+    run = tmp_path / "run"
+    train(tiny_config(data, run, "model.block_size=64", "train.max_iters=20", "train.eval_accuracy_samples=6"),
+          quiet=True)
+    evals = [r for r in records(run) if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 10, 20] and all(0 <= r["accuracy"] <= 1 for r in evals)
+    model = checkpoint.load_model(run, "cpu", "last")[0]
+    assert evals[-1]["accuracy"] == listops_accuracy(model, data, max_samples=6)["overall"]
+    assert checkpoint.read_info(run / "last")["accuracy"] == evals[-1]["accuracy"]
+    assert "accuracy" in (run / "metrics.csv").read_text().splitlines()[0]
+    with pytest.raises(ConfigError, match=r"^train.eval_accuracy_samples = 6 scores ListOps answers, but .* is a "
+                                          r"'char' dataset; set it to 0$"):
+        train(tiny_config(data_dir, tmp_path / "text", "train.eval_accuracy_samples=6"), quiet=True)
+    assert not (tmp_path / "text").exists()  # refused before the run directory is made
 
 
 def test_existing_run_needs_resume_or_overwrite(data_dir, tmp_path):

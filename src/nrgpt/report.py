@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 from .config import ConfigError
 from .fits import LogisticFit, fit_logistic
 from .plots import new_figure, png_bytes
-from .rundir import read_metrics
+from .rundir import METRICS_JSONL, read_metrics
 from .tables import RESULT, SPEC, best_table, collect_results, format_cell, markdown_table
 
 LEVEL = 0.8  # accuracy that marks the "transition to learning" (Figure 3)
@@ -160,6 +160,29 @@ def loss_curve_figure(run_dir: Path) -> Figure:
     return fig
 
 
+def evaluation_curves_figure(runs: Sequence[tuple[str, Path]]) -> Figure:
+    """Every run's evaluations against iterations, one line per run coloured by its label (the model):
+    validation loss, and beside it the ListOps accuracy where the runs logged it
+    (``train.eval_accuracy_samples``)."""
+    curves = [(label, [r for r in read_metrics(run_dir) if "val_loss" in r]) for label, run_dir in runs]
+    panels = [("val_loss", "validation loss (nats)")]
+    if any("accuracy" in r for _, evals in curves for r in evals):
+        panels.append(("accuracy", "ListOps accuracy (logged test samples)"))
+    fig, axes = new_figure(1, len(panels), panel_size=(6, 4))
+    colors = {label: f"C{i % 10}" for i, label in enumerate(dict.fromkeys(label for label, _ in curves))}
+    for ax, (key, ylabel) in zip(axes[0], panels):
+        for label, evals in curves:
+            points = [(r["iter"], r[key]) for r in evals if key in r]
+            if points:
+                ax.plot(*zip(*points), "-", color=colors[label], lw=1.0, alpha=0.7)
+        ax.set(xlabel="iteration", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+    for label, color in colors.items():
+        axes[0, 0].plot([], [], color=color, label=label)
+    axes[0, 0].legend(fontsize="small")
+    return fig
+
+
 def _key_values(data: dict[str, Any], prefix: str = "") -> list[list[Any]]:
     rows = []
     for key, value in data.items():
@@ -196,6 +219,9 @@ def run_blocks(run_dir: Path) -> list[Block]:
         blocks += ["## Final metrics", Table(["metric", "value"], _key_values(final))]
     blocks += ["## Loss curves", Image("loss_curves", png_bytes(loss_curve_figure(run_dir)),
                                        "Training batch loss and evaluated train/validation loss per iteration")]
+    if any("accuracy" in r for r in read_metrics(run_dir)):
+        blocks += [Image("accuracy_curve", png_bytes(evaluation_curves_figure([(run_dir.name, run_dir)])),
+                         "Validation loss and the ListOps accuracy logged at each evaluation")]
     if (run_dir / "depth" / "depth.json").is_file():
         blocks += depth_blocks(run_dir / "depth" / "depth.json")
     if (run_dir / "config.json").is_file():
@@ -343,6 +369,13 @@ def sweep_blocks(sweep_dir: Path) -> list[Block]:
                          "Best validation loss against total parameters: dots every run, lines the best run of "
                          "each size (dashed: its final training loss), bands the better half of the runs of each "
                          "size (top); final validation minus training loss of the best run of each size (bottom)")]
+    runs = [(str(r["model"]), sweep_dir / "runs" / r["slug"]) for r in results]
+    runs = [(label, path) for label, path in runs if (path / METRICS_JSONL).is_file()]
+    if runs:
+        blocks += ["## Evaluation curves",
+                   Image("curves", png_bytes(evaluation_curves_figure(runs)),
+                         "Every run's validation loss (and ListOps accuracy, where logged) against iterations; "
+                         "one colour per model")]
     blocks += ["## Best configuration of each model (Tables 4/6)", Table(*best_table(results))]
     columns = [c for c in RUN_TABLE_COLUMNS if any(r.get(c) is not None for r in results)]
     blocks += ["## All runs", Table(columns, [[r.get(c) for c in columns] for r in results])]

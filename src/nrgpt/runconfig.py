@@ -102,6 +102,9 @@ class TrainConfig:
     grad_clip      clip the global gradient norm to this (0: no clipping)
     eval_interval  evaluate (and checkpoint) every this many steps, and at the end
     eval_iters     fixed batches per split for evaluation, drawn once from a constant seed
+    eval_accuracy_samples  ListOps data only: at every evaluation, also greedy-decode the first N test samples
+                   and log their accuracy (``accuracy`` in metrics.jsonl: Figure 3's accuracy against
+                   iterations); 0: none (``nrgpt eval --task listops`` scores a finished run)
     seed           initialisation, training batches and dropout
 
     Recurrent steps per iteration (NRGPT, 'rgpt', 'rgpt_parallel'; the deep 'gpt' refuses all but fixed steps
@@ -135,6 +138,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     eval_interval: int = 500
     eval_iters: int = 50
+    eval_accuracy_samples: int = 0
     seed: int = 1337
     steps_distribution: str = "fixed"
     steps_sigma: float = 0.5
@@ -145,6 +149,7 @@ class TrainConfig:
     def validate(self) -> None:
         _at_least("train", self, "batch_size grad_accum eval_interval eval_iters", 1)
         _at_least("train", self, "max_iters warmup_iters max_minutes weight_decay grad_clip min_lr", 0)
+        _at_least("train", self, "eval_accuracy_samples", 0)
         _require(0 < self.lr < math.inf, "train.lr", self.lr, "must be a finite number > 0")
         _require(0 <= self.seed <= SEED_MAX, "train.seed", self.seed, f"must be an integer from 0 to {SEED_MAX}")
         _require(self.min_lr <= self.lr, "train.min_lr", self.min_lr, f"must be <= train.lr = {self.lr}")

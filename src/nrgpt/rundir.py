@@ -41,7 +41,7 @@ RUN_FILES = (
     "config.json", METRICS_JSONL, METRICS_CSV, f"{METRICS_JSONL}.tmp", f"{METRICS_CSV}.tmp", "result.json",
     "tensorboard", "wandb",
 )
-METRIC_COLUMNS = ("iter", "loss", "lr", "tokens_per_s", "elapsed", "train_loss", "val_loss", "steps")
+METRIC_COLUMNS = ("iter", "loss", "lr", "tokens_per_s", "elapsed", "train_loss", "val_loss", "steps", "accuracy")
 
 
 def clear_run(run_dir: Path) -> list[str]:

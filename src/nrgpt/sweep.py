@@ -422,14 +422,16 @@ def dump_toml(data: dict[str, Any]) -> str:
 
 def prepare_sweep_dir(sweep: Sweep) -> Path:
     """Create the sweep directory and write ``sweep.toml``; SweepError if it holds a sweep with another base
-    config or budget (its finished runs would not be comparable)."""
+    config or budget (its finished runs would not be comparable). A setting that the sweep.toml there lacks
+    counts as its default: budget keys left out are unset, and a setting added to nrgpt after that sweep
+    was written had its default's behaviour then."""
     spec_path = sweep.out_dir / SPEC
     if spec_path.is_file():
         old = tomllib.loads(spec_path.read_text(encoding="utf-8"))
-        defaults = {"base": {}, "budget": dataclasses.asdict(Budget())}  # budget keys left out are unset
+        defaults = {"base": _flatten(RunConfig().to_dict()), "budget": dataclasses.asdict(Budget())}
         for section in ("base", "budget"):
-            before = _flatten({**defaults[section], **old.get(section, {})})
             after = _flatten(sweep.spec()[section])
+            before = {**{k: v for k, v in defaults[section].items() if k in after}, **_flatten(old.get(section, {}))}
             changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
             if changed:
                 raise SweepError(f"{sweep.out_dir} holds a sweep with a different {section} ({section}.{changed[0]}: "

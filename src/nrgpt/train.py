@@ -19,7 +19,8 @@ backpropagate through the last ``train.backprop_steps`` of them only; evaluation
 
 Run directory: ``config.json`` (the resolved config), ``metrics.jsonl`` and ``metrics.csv`` (one
 record per log step: iter, loss, lr, tokens_per_s, elapsed, and with random steps the iteration's
-number of steps, steps; one per evaluation: iter, lr, elapsed, train_loss, val_loss), ``last/``,
+number of steps, steps; one per evaluation: iter, lr, elapsed, train_loss, val_loss, and with
+``train.eval_accuracy_samples`` the ListOps accuracy), ``last/``,
 ``best/``, ``result.json`` (the value ``train`` returns, with its status) and ``tensorboard/`` when
 asked for.
 """
@@ -49,6 +50,7 @@ from .config import ModelConfig
 from .data import TokenStream, load_meta
 from .device import autocast_dtype, check_threads, pick_device
 from .errors import CheckpointError, ConfigError, DivergenceError, first_line
+from .evaluate import load_listops_samples, score_listops
 from .model import LanguageModel, build_model
 from .runconfig import RunConfig, TrainConfig, add_arguments, resolve_config
 from .rundir import RUN_FILES, MetricsLog, RunLock, clear_run
@@ -128,6 +130,9 @@ def check_run(config: RunConfig) -> tuple[ModelConfig, dict[str, Any]]:
     if mc.vocab_size < meta["vocab_size"]:
         raise ConfigError(f"model.vocab_size = {mc.vocab_size} is smaller than the vocabulary of {config.data.dir} "
                           f"({meta['vocab_size']} tokens); leave it unset to take the data's")
+    if config.train.eval_accuracy_samples and meta["kind"] != "listops":
+        raise ConfigError(f"train.eval_accuracy_samples = {config.train.eval_accuracy_samples} scores ListOps "
+                          f"answers, but {config.data.dir} is a {meta['kind']!r} dataset; set it to 0")
     for split in ("train", "val"):
         n = meta[f"{split}_tokens"]
         if mc.block_size + 1 > n:
@@ -220,6 +225,9 @@ class Trainer:
         self.train_stream = TokenStream(config.data.dir, "train")
         self.data_gen = torch.Generator().manual_seed(tc.seed)
         self.eval_batches = self._draw_eval_batches(model_config.block_size)
+        n_accuracy = tc.eval_accuracy_samples
+        self.accuracy_samples = load_listops_samples(config.data.dir, "test", n_accuracy) \
+            if n_accuracy and self.main else None
         self.draw_steps = steps_sampler(tc, model_config.n_steps)
         self.log_steps, self.steps = tc.random_steps, model_config.n_steps  # steps: those of the last iteration
         self.start_iter, self.best_val, self.elapsed0 = 0, math.inf, 0.0
@@ -361,7 +369,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over the fixed batches of each split (each rank evaluates its slice of every batch)."""
+        """Mean loss over the fixed batches of each split (each rank evaluates its slice of every batch) and,
+        with ``train.eval_accuracy_samples``, the ListOps accuracy on those test samples (rank 0 only)."""
         self.raw_model.eval()
         out = {}
         for split, batches in self.eval_batches.items():
@@ -372,6 +381,8 @@ class Trainer:
                 total += loss.double()
             count = len(batches) * self.dist.world_size
             out[f"{split}_loss"] = (distributed.all_sum(total) / count).item()
+        if self.accuracy_samples is not None:
+            out["accuracy"] = score_listops(self.raw_model, self.accuracy_samples)["overall"]
         self.raw_model.train()
         return out
 
@@ -417,8 +428,9 @@ class Trainer:
                             **losses})
         self.save(it, losses)
         if self.main:
+            accuracy = f", accuracy {losses['accuracy']:.3f}" if "accuracy" in losses else ""
             self._print(f"iter {it}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}"
-                        + (" (best)" if best else ""))
+                        + accuracy + (" (best)" if best else ""))
 
     def _log_step(self, it: int, signals: _StopSignals) -> str | None:
         """Log step ``it`` (the only host synchronisation); returns a stop reason agreed by all ranks, if any."""
