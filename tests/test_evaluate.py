@@ -17,6 +17,8 @@ from nrgpt.data import import_listops, load_tokenizer
 from nrgpt.data.tokenizers import CharTokenizer
 from nrgpt.decoding import KVCache
 from nrgpt.evaluate import (
+    LISTOPS_GROUPS,
+    _grouped,
     generation_quality_for_model,
     greedy_continuations,
     listops_accuracy,
@@ -115,6 +117,15 @@ def test_listops_accuracy_of_a_scripted_model(stub, listops_dir, batch_size):
     assert [p["answer"] for p in r["predictions"]] == ["7", "4", "5", "3", None, "4"]
     assert len(r["predictions"][4]["continuation"].split()) == 14
     assert r["samples_per_s"] > 0
+
+
+def test_listops_groups_are_in_numeric_order():
+    """Reduction counts and depths sort as numbers ('2' before '10'); op names after them, alphabetically."""
+    scored = [({"n_funcs": n, "line": "x"}, {"correct": n % 2 == 0}) for n in (10, 2, 1, 10)]
+    groups = _grouped(scored, LISTOPS_GROUPS["per_reductions"])
+    assert list(groups) == ["1", "2", "10"] and groups["10"] == [True, True] and groups["1"] == [False]
+    mixed = _grouped([({"ops": ["SM", "3", "MAX"]}, {"correct": True})], LISTOPS_GROUPS["per_op_present"])
+    assert list(mixed) == ["3", "MAX", "SM"]
 
 
 def test_listops_batches_group_equal_length_prompts(stub, listops_dir):

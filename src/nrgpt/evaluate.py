@@ -126,12 +126,17 @@ LISTOPS_GROUPS: dict[str, Callable[[dict[str, Any]], Iterable[Any]]] = {
 }
 
 
+def _group_order(key: str) -> tuple:
+    """Numeric group keys in numeric order ('2' before '10'), then the others alphabetically."""
+    return (0, int(key), "") if key.isdigit() else (1, 0, key)
+
+
 def _grouped(scored: list[tuple[dict[str, Any], dict[str, Any]]], keys) -> dict[str, list[bool]]:
     groups: dict[str, list[bool]] = defaultdict(list)
     for record, score in scored:
         for key in keys(record):
             groups[str(key)].append(score["correct"])
-    return dict(sorted(groups.items()))
+    return {key: groups[key] for key in sorted(groups, key=_group_order)}
 
 
 def score_listops(model: nn.Module, samples: ListOpsSamples, *, batch_size: int = 64,
