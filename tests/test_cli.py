@@ -191,8 +191,13 @@ def test_sample_command_with_early_exit(run_dir, data_dir, tmp_path, capsys):
     assert sample(tmp_path / "gpt", "--early-exit", "0.1") == (2, "", f"nrgpt: error: --early-exit needs an NRGPT "
                                                               f"model; {tmp_path / 'gpt'} holds a 'rgpt_parallel' "
                                                               "model, which has no energy descent\n")
-    assert sample(run_dir, "--early-exit-steps", "4")[2] == ("nrgpt: error: --early-exit-steps is the most steps under "
-                                                             "early exit: give --early-exit TOL too\n")
+    deeper = generate_text(model, tok, "The", max_new_tokens=12, greedy=True, n_steps=5)
+    assert sample(run_dir, "--steps", "5") == sample(run_dir, "--early-exit-steps", "5") == (0, deeper[0] + "\n", "")
+    deep = tiny_config(data_dir, tmp_path / "deep", "model.preset=GPT", f"model.vocab_size={tok.vocab_size}")
+    checkpoint.save_checkpoint(tmp_path / "deep" / "best", build_model(deep.model_config()), deep, {"iter": 0})
+    code, out, err = sample(tmp_path / "deep", "--steps", "3")
+    assert code == 2 and not out and err.startswith("nrgpt: error: --steps needs a recurrent model (nrgpt, rgpt or "
+                                                    "rgpt_parallel);")
     assert sample(run_dir, "--early-exit-on", "energy")[2] == ("nrgpt: error: --early-exit-on says what the "
                                                                "early-exit tolerance applies to: give --early-exit TOL "
                                                                "too\n")

@@ -6,7 +6,8 @@ A prompt longer than the model's block is cropped to its last ``block_size`` tok
 characters or tokens outside the vocabulary are an error naming them. Sampling is seeded, so the same
 command prints the same text. ``--early-exit TOL`` (NRGPT) decodes with energy-based early exit: a token
 stops descending once ||dE_A/dg_A|| < TOL (or, with ``--early-exit-on energy``, once its energy changes by
-less than TOL (1 + |E_A|) in a step), after at most ``--early-exit-steps`` steps.
+less than TOL (1 + |E_A|) in a step), after at most ``--steps`` steps. ``--steps N`` alone decodes a
+recurrent model with N steps per block instead of the trained number (test-time depth, ``nrgpt depth``).
 """
 
 from __future__ import annotations
@@ -86,11 +87,12 @@ def _prompt(args: argparse.Namespace) -> str:
 def main(args: argparse.Namespace) -> int:
     check_sampling(args.temperature, args.top_k, args.top_p, args.greedy, args.num_samples, args.max_new_tokens)
     prompt = _prompt(args)
-    if args.early_exit_steps is not None and args.early_exit is None:
-        raise ConfigError("--early-exit-steps is the most steps under early exit: give --early-exit TOL too")
     if args.early_exit_on != "grad" and args.early_exit is None:
         raise ConfigError("--early-exit-on says what the early-exit tolerance applies to: give --early-exit TOL too")
     model, _, data_dir = load_run(args.run, pick_device(args.device), args.checkpoint, args.data_dir)
+    if args.steps is not None and not model.config.is_recurrent:
+        raise ConfigError(f"--steps needs a recurrent model (nrgpt, rgpt or rgpt_parallel); {args.run} holds a deep "
+                          f"{model.config.model!r}, whose {model.config.n_steps} layers are distinct")
     if args.early_exit is not None and not model.config.is_energy_model:
         raise ConfigError(f"--early-exit needs an NRGPT model; {args.run} holds a {model.config.model!r} model, "
                           "which has no energy descent")
@@ -101,7 +103,7 @@ def main(args: argparse.Namespace) -> int:
     texts = generate_text(model, tokenizer, prompt, num_samples=args.num_samples,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, greedy=args.greedy, seed=args.seed, tol=args.early_exit,
-                          n_steps=args.early_exit_steps, exit_on=args.early_exit_on)
+                          n_steps=args.steps, exit_on=args.early_exit_on)
     for i, text in enumerate(texts):
         if i:
             print("-" * 40)
@@ -129,8 +131,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--early-exit-on", choices=sorted(EXIT_RULES), default="grad",
                    help="grad (default): the tolerance is on ||dE_A/dg_A||; energy: on |dE_A| / (1 + |E_A|) "
                         "over a step")
-    p.add_argument("--early-exit-steps", type=integer(1), default=None,
-                   help="most steps a token may take under early exit (default: the trained number)")
+    p.add_argument("--steps", "--early-exit-steps", dest="steps", type=integer(1), default=None,
+                   help="recurrent models: steps per block at decoding (default: the trained number); under "
+                        "--early-exit the most a token may take")
     p.add_argument("--checkpoint", choices=("best", "last"), default="best",
                    help="which checkpoint of a run directory (default: best)")
     p.add_argument("--device", choices=DEVICES, default="auto")
