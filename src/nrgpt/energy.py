@@ -13,8 +13,8 @@ equation, its ``energy`` and its closed-form ``grad`` (docs/model.md lists them)
 ``descent`` is eq. 6 written once: an iterator over the steps of one or more blocks (recursive blocks:
 each applied n_steps times in turn) that yields what each step computed. The forward pass, cached
 decoding, ``NRGPT.energy_trajectory``, the dynamics recorder, early exit (a tolerance on the gradient
-norm or on the energy change),
-activation checkpointing and truncated backpropagation (a graph for the last k steps only) all run it.
+norm or on the energy change), activation checkpointing and truncated backpropagation (a graph for the
+last k steps only) all run it.
 """
 
 from __future__ import annotations
@@ -171,8 +171,9 @@ def truncated_state(x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     return x0 + (x - x0).detach()
 
 
-class GradientNormExit:
-    """Early exit on the gradient: token A keeps moving at step t while ||dE_A/dg_A^(t)|| >= tol."""
+class ExitRule:
+    """Early exit (``descent``'s ``tol``): ``keep_moving`` says, at each step, which tokens still move (B, T);
+    a token that stops once stays stopped. ``new_block`` is called as each block begins."""
 
     def __init__(self, tol: float):
         self.tol = tol
@@ -182,19 +183,26 @@ class GradientNormExit:
 
     def keep_moving(self, block: EnergyBlock, g: torch.Tensor, cond: torch.Tensor | None, grad: torch.Tensor,
                     cache: KVCache | None, slot: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class GradientNormExit(ExitRule):
+    """Token A keeps moving at step t while ||dE_A/dg_A^(t)|| >= tol."""
+
+    def keep_moving(self, block: EnergyBlock, g: torch.Tensor, cond: torch.Tensor | None, grad: torch.Tensor,
+                    cache: KVCache | None, slot: int) -> torch.Tensor:
         return grad.norm(dim=-1) >= self.tol
 
 
-class EnergyChangeExit(GradientNormExit):
-    """Early exit on the energy: token A keeps moving at step t > 0 while its energy changed by at least the
-    noise floor over the last step, |E_A^(t) - E_A^(t-1)| >= tol (1 + |E_A^(t-1)|) (the settling criterion of
-    ``nrgpt.dynamics``); every token takes the first step (and the first of each later block it reaches:
-    each block has its own energy). Where descent is guaranteed
-    (Prop. 2.1, 2.2) the energy falls step by step, so a small change means the token has settled. It costs
-    one evaluation of the energy per step."""
+class EnergyChangeExit(ExitRule):
+    """Token A keeps moving at step t > 0 while its energy changed by at least the noise floor over the last
+    step, |E_A^(t) - E_A^(t-1)| >= tol (1 + |E_A^(t-1)|) (the settling criterion of ``nrgpt.dynamics``).
+    Every token takes the first step, and the first of each later block it reaches (each block has its own
+    energy). Where descent is guaranteed (Prop. 2.1, 2.2) the energy falls step by step, so a small change
+    means that the token has settled. It costs one evaluation of the energy per step."""
 
     def new_block(self) -> None:
-        self.last = None  # each block has its own energy
+        self.last = None
 
     def keep_moving(self, block: EnergyBlock, g: torch.Tensor, cond: torch.Tensor | None, grad: torch.Tensor,
                     cache: KVCache | None, slot: int) -> torch.Tensor:
