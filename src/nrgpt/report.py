@@ -369,13 +369,15 @@ def sweep_blocks(sweep_dir: Path) -> list[Block]:
                          "Best validation loss against total parameters: dots every run, lines the best run of "
                          "each size (dashed: its final training loss), bands the better half of the runs of each "
                          "size (top); final validation minus training loss of the best run of each size (bottom)")]
-    runs = [(str(r["model"]), sweep_dir / "runs" / r["slug"]) for r in results]
-    runs = [(label, path) for label, path in runs if (path / METRICS_JSONL).is_file()]
-    if runs:
+    finished = [r for r in results if (sweep_dir / "runs" / r["slug"] / METRICS_JSONL).is_file()]
+    by_size = {f"{r['model']} n_embd {r.get('n_embd')}" for r in finished}
+    label = (lambda r: f"{r['model']} n_embd {r.get('n_embd')}") if len(by_size) <= 10 else (lambda r: str(r["model"]))
+    if finished:
+        runs = [(label(r), sweep_dir / "runs" / r["slug"]) for r in finished]
         blocks += ["## Evaluation curves",
                    Image("curves", png_bytes(evaluation_curves_figure(runs)),
                          "Every run's validation loss (and ListOps accuracy, where logged) against iterations; "
-                         "one colour per model")]
+                         "one colour per model and size (per model beyond 10 of them)")]
     blocks += ["## Best configuration of each model (Tables 4/6)", Table(*best_table(results))]
     columns = [c for c in RUN_TABLE_COLUMNS if any(r.get(c) is not None for r in results)]
     blocks += ["## All runs", Table(columns, [[r.get(c) for c in columns] for r in results])]
