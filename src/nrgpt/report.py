@@ -370,10 +370,11 @@ def sweep_blocks(sweep_dir: Path) -> list[Block]:
                          "each size (dashed: its final training loss), bands the better half of the runs of each "
                          "size (top); final validation minus training loss of the best run of each size (bottom)")]
     finished = [r for r in results if (sweep_dir / "runs" / r["slug"] / METRICS_JSONL).is_file()]
-    by_size = {f"{r['model']} n_embd {r.get('n_embd')}" for r in finished}
-    label = (lambda r: f"{r['model']} n_embd {r.get('n_embd')}") if len(by_size) <= 10 else (lambda r: str(r["model"]))
+    labels = [f"{r['model']} n_embd {r.get('n_embd')}" for r in finished]
+    if len(set(labels)) > 10:
+        labels = [str(r["model"]) for r in finished]
     if finished:
-        runs = [(label(r), sweep_dir / "runs" / r["slug"]) for r in finished]
+        runs = [(label, sweep_dir / "runs" / r["slug"]) for label, r in zip(labels, finished)]
         blocks += ["## Evaluation curves",
                    Image("curves", png_bytes(evaluation_curves_figure(runs)),
                          "Every run's validation loss (and ListOps accuracy, where logged) against iterations; "
