@@ -17,7 +17,7 @@ NRGPT_H_FF1 and GPT_Rec_parallel at a small shape) with its number of calls, one
 shows whether two checkouts run the same kernels. `--against <old checkout>/src` imports the old checkout's
 package as `nrgpt_old` beside this one and interleaves their training steps in one process (30 rounds,
 alternating which goes first), so that both see the same machine: it prints each one's min and median and
-the median of the per-round speed-ups.
+the median of the per-round speed-ups, for the training steps and for greedy generation of 240 tokens.
 """
 
 from __future__ import annotations
@@ -87,23 +87,42 @@ def import_old(src: str):
     return module
 
 
-def interleaved(src: str, rounds: int = 30) -> None:
+def alternate(tasks: dict[str, object], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each call of the two ``tasks`` ('old', 'new'), alternating which goes first."""
+    times = {name: [] for name in tasks}
+    for r in range(rounds):
+        for name in ("old", "new") if r % 2 == 0 else ("new", "old"):
+            start = time.perf_counter()
+            tasks[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def report(what: str, times: dict[str, list[float]]) -> None:
+    speedup = statistics.median(o / n for o, n in zip(times["old"], times["new"]))
+    print(f"{what}: old min {min(times['old']):.3f} s, median {statistics.median(times['old']):.3f} s; "
+          f"new min {min(times['new']):.3f} s, median {statistics.median(times['new']):.3f} s; "
+          f"new vs old {speedup:.3f}x (median of {len(times['old'])} rounds)")
+
+
+def interleaved(src: str, rounds: int = 30, generation_rounds: int = 10) -> None:
     torch.set_num_threads(2)
     old = import_old(src)
     for preset in ("NRGPT_H_FF2W", "NRGPT_H_FF1", "GPT_Rec_parallel"):
-        steps = {"old": training_step(preset, 16, 256, 128, old)[2], "new": training_step(preset, 16, 256, 128)[2]}
+        built = {"old": training_step(preset, 16, 256, 128, old), "new": training_step(preset, 16, 256, 128)}
+        steps = {name: step for name, (_, _, step) in built.items()}
         for step in steps.values():
             best_of(3, step)  # warm-up
-        times = {name: [] for name in steps}
-        for r in range(rounds):
-            for name in ("old", "new") if r % 2 == 0 else ("new", "old"):
-                start = time.perf_counter()
-                steps[name]()
-                times[name].append(time.perf_counter() - start)
-        speedup = statistics.median(o / n for o, n in zip(times["old"], times["new"]))
-        print(f"train {preset}: old min {min(times['old']):.3f} s, median {statistics.median(times['old']):.3f} s; "
-              f"new min {min(times['new']):.3f} s, median {statistics.median(times['new']):.3f} s; "
-              f"new vs old {speedup:.3f}x (median of {rounds} rounds)")
+        report(f"train {preset}", alternate(steps, rounds))
+        if preset == "NRGPT_H_FF2W":
+            decode = {}
+            for name, (model, x, _) in built.items():
+                model.eval()
+                model.generate(x[:1, :16], 20, greedy=True)  # warm-up
+                decode[name] = lambda m=model, p=x[:1, :16]: m.generate(p, 240, greedy=True)
+            same = torch.equal(*(run() for run in decode.values()))
+            report(f"generate 240 tokens NRGPT_H_FF2W (same tokens: {'yes' if same else 'no'})",
+                   alternate(decode, generation_rounds))
 
 
 def timings() -> None:
