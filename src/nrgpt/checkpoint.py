@@ -13,6 +13,9 @@ A run directory holds ``last/`` (written at every evaluation and when the run st
 Atomic writes: a checkpoint is written in full to ``<name>.tmp``, then the old one is renamed to
 ``<name>.old``, the new one to ``<name>``, and ``<name>.old`` is removed. A crash at any point leaves a
 complete checkpoint under ``<name>`` or (between the two renames) ``<name>.old``, which ``find`` uses.
+
+Loading: ``load_model`` (a run or checkpoint directory), ``load_run`` (with the dataset to use it with) and
+``load_any`` (either, or a checkpoint file of the authors' code, ``nrgpt.reference``).
 """
 
 from __future__ import annotations
@@ -254,3 +257,16 @@ def load_run(run_or_ckpt: str | Path, device: str | torch.device = "cpu", which:
         raise DataError(f"the dataset {data_dir} ({meta['kind']}, vocabulary {meta['vocab_size']}) is not the "
                         f"model's: it was trained on {trained_on}; pass the --data-dir it was trained on")
     return model, config, str(data_dir)
+
+
+def load_any(path: str | Path, device: str | torch.device = "cpu", which: str = "best",
+             data_dir: str | None = None) -> tuple[LanguageModel, str | None]:
+    """A model from a run / checkpoint directory (with its dataset directory: ``data_dir`` if given, checked
+    against the model's vocabulary, else the run's when it is found) or a checkpoint file of the authors'
+    code (``data_dir`` or no dataset)."""
+    from .reference import load_reference_checkpoint  # it imports this module
+
+    if Path(path).is_file():
+        return load_reference_checkpoint(path, map_location=device), data_dir
+    model, _, data_dir = load_run(path, device, which, data_dir, require_data=False)
+    return model, data_dir

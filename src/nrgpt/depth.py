@@ -191,8 +191,8 @@ def checked_steps(steps: Sequence[int] | None, trained: int) -> list[int]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from .checkpoint import load_any
     from .device import pick_device
-    from .dynamics import load_any
     from .tables import markdown_table
 
     model, data_dir = load_any(args.run, pick_device(args.device), args.checkpoint, args.data)

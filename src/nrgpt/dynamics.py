@@ -418,20 +418,6 @@ def _note(message: str) -> None:
     print(f"nrgpt: note: {message}", file=sys.stderr)
 
 
-def load_any(path: str | Path, device: torch.device, which: str = "best",
-             data_dir: str | None = None) -> tuple[LanguageModel, str | None]:
-    """A model from a run / checkpoint directory (with its dataset directory: ``data_dir`` if given, checked
-    against the model's vocabulary, else the run's when it is found) or a reference-code checkpoint file
-    (``data_dir`` or no dataset)."""
-    from .checkpoint import load_run
-    from .reference import load_reference_checkpoint
-
-    if Path(path).is_file():
-        return load_reference_checkpoint(path, map_location=device), data_dir
-    model, _, data_dir = load_run(path, device, which, data_dir, require_data=False)
-    return model, data_dir
-
-
 def _input_batch(args: argparse.Namespace, model: LanguageModel, data_dir: str | None,
                  device: torch.device) -> tuple[torch.Tensor, str]:
     """The token batch (B, T) to record and a description of it."""
@@ -498,6 +484,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from .checkpoint import load_any
     from .config import ConfigError
     from .device import pick_device
 
