@@ -61,6 +61,18 @@ def test_cached_generation_equals_recomputation(cfg):
         torch.testing.assert_close(steps[j], model(idx[:, : i + 1])[0][:, -1], rtol=1e-5, atol=1e-5)
 
 
+def test_generated_tokens_are_an_ordinary_tensor_a_training_step_can_use():
+    """generate decodes under inference_mode; what it returns must still be usable with autograd (an
+    inference tensor cannot be saved for backward, as the embedding's indices are)."""
+    cfg = MODELS[0]
+    model = random_model(cfg).train()
+    out = model.generate(torch.randint(0, cfg.vocab_size, (2, 3)), 5, greedy=True)
+    assert not out.is_inference() and model.training
+    _, loss = model(out[:, :-1], out[:, 1:])
+    loss.backward()
+    assert model.lm_head.weight.grad is not None
+
+
 @pytest.mark.parametrize("cfg", MODELS, ids=IDS)
 def test_static_cache_decoding_equals_the_growing_cache(cfg):
     """KVCache(static=True) (what a CUDA graph replays: keys written at a device-tensor position,
