@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nrgpt import metrics
-from nrgpt.fits import LogisticFit, fit_logistic, perplexity_from_loss, train_val_gap
+from nrgpt.fits import LogisticFit, fit_logistic, gap_at_train_loss, perplexity_from_loss, train_val_gap
 from nrgpt.metrics import (
     GRAMMAR_WEIGHTS,
     MissingExtraError,
@@ -329,6 +329,19 @@ def test_perplexity_from_loss_and_gap():
     assert train_val_gap([3.0, 2.0, 1.5], [3.1, 2.4, 2.6]) == pytest.approx(0.4)
     with pytest.raises(ValueError):
         train_val_gap([1.0], [1.0, 2.0])
+
+
+def test_gap_at_equal_training_loss():
+    train, val = [3.0, 2.0, 1.0], [3.1, 2.3, 1.6]  # gaps 0.1, 0.3, 0.6
+    assert gap_at_train_loss(train, val, 2.0) == pytest.approx(0.3)  # an evaluation exactly at the level
+    assert gap_at_train_loss(train, val, 1.5) == pytest.approx(0.45)  # halfway between 2.0 and 1.0
+    assert gap_at_train_loss(train, val, 2.75) == pytest.approx(0.15)
+    assert gap_at_train_loss(train, val, 3.5) == pytest.approx(0.1)  # already below at the first evaluation
+    assert gap_at_train_loss(train, val, 0.5) is None  # never reached
+    # the first time it gets there, not a later one after a rise
+    assert gap_at_train_loss([3.0, 1.0, 2.0, 0.5], [3.0, 1.5, 2.0, 1.0], 1.0) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        gap_at_train_loss([], [], 1.0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 
 from nrgpt.cli import main
 from nrgpt.fits import fit_logistic
-from nrgpt.report import accuracy_figure, fit_models, loss_figure, write_report
+from nrgpt.report import accuracy_figure, fit_models, loss_figure, overfitting_table, write_report
 from nrgpt.tables import RESULT, SPEC
 
 
@@ -108,6 +108,36 @@ def test_sweep_report_draws_every_run_s_evaluation_curves(tmp_path):
     page, md = write_report(sweep_dir)
     assert len(embedded_pngs(page.read_text())) == 2 and "(report_files/curves.png)" in md.read_text()  # Fig. 3, curves
     assert (sweep_dir / "report_files" / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def write_evaluations(run_dir, evals):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    records = [{"iter": it, "train_loss": t, "val_loss": v} for it, t, v in evals]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_overfitting_table_compares_runs_at_the_training_loss_both_reached(tmp_path):
+    # run a fits down to 1.0 and over-fits (validation turns up after iter 200); run b stops at 1.5
+    write_evaluations(tmp_path / "a", [(0, 3.0, 3.1), (100, 2.0, 2.3), (200, 1.0, 1.6), (300, 0.5, 1.9)])
+    write_evaluations(tmp_path / "b", [(0, 3.0, 3.0), (100, 2.5, 2.6), (200, 1.5, 1.7)])
+    table = overfitting_table([("A", tmp_path / "a"), ("B", tmp_path / "b")])
+    assert table.headers[-1] == "gap at train loss 1.500"  # the lowest training loss both runs reached
+    a, b = table.rows
+    assert a[:5] == ["a", 200, 1.6, 300, 1.9] and a[5] == pytest.approx(0.3)
+    assert a[6] == pytest.approx(0.45)  # halfway from (2.0, gap 0.3) to (1.0, gap 0.6)
+    assert b[:5] == ["b", 200, 1.7, 200, 1.7] and b[5] == 0 and b[6] == pytest.approx(0.2)
+
+
+def test_a_language_sweep_report_has_the_overfitting_view(tmp_path):
+    runs = language_runs()[:2]
+    sweep_dir = make_sweep_dir(tmp_path, runs)
+    for i, r in enumerate(runs):
+        write_evaluations(sweep_dir / "runs" / r["slug"], [(0, 3.0, 3.0), (50, 2.0, 2.1 + i / 10), (100, 1.5, 1.7)])
+    _, md = write_report(sweep_dir)
+    text = md.read_text()
+    assert "## Over-fitting at equal training loss" in text and "(report_files/overfitting.png)" in text
+    assert "| run | best iter | best val. loss |" in text and "gap at train loss 1.500 |" in text
+    assert (sweep_dir / "report_files" / "overfitting.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_run_report(tmp_path):

@@ -268,6 +268,7 @@ def test_interrupted_sweep_resumes_and_skips_finished_runs(tmp_path, chars_dir):
     assert [r["slug"] for r in results] == ["GPT_Rec_parallel-n_embd8", "NRGPT_H_FF1-n_embd8"]
     r = results[1]
     assert r["kind"] == "language" and r["best_val_loss"] == 1.0 and r["final_train_loss"] == 0.9
+    assert r["best_iter"] == 1  # the iteration of the best evaluation
     assert r["gap"] == pytest.approx(0.1) and r["minutes"] == pytest.approx(1.5 / 60)
     assert "accuracy" not in r
 

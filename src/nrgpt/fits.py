@@ -1,5 +1,6 @@
-"""Numbers read off training runs: perplexity, the train-validation gap, and the accuracy-vs-size logistic fit
-of Figure 3 (with the size at which a model crosses 80% accuracy, the paper's "transition to learning")."""
+"""Numbers read off training runs: perplexity, the train-validation gap (at the best validation loss, or at
+equal training loss), and the accuracy-vs-size logistic fit of Figure 3 (with the size at which a model
+crosses 80% accuracy, the paper's "transition to learning")."""
 
 from __future__ import annotations
 
@@ -23,6 +24,24 @@ def train_val_gap(train_losses: Sequence[float], val_losses: Sequence[float]) ->
         raise ValueError("need equally long, non-empty train and validation loss sequences")
     best = int(np.argmin(val_losses))
     return float(val_losses[best] - train_losses[best])
+
+
+def gap_at_train_loss(train_losses: Sequence[float], val_losses: Sequence[float], level: float) -> float | None:
+    """Generalization gap val - train where the training loss first falls to ``level``: linear in the training
+    loss between the two evaluations around that point (the first evaluation's gap if it starts at or below
+    ``level``), None if it never gets there. Comparing runs at one ``level`` compares them at equal fit, which
+    a gap at equal iterations does not (a run that has fitted less has a smaller gap)."""
+    if len(train_losses) != len(val_losses) or not val_losses:
+        raise ValueError("need equally long, non-empty train and validation loss sequences")
+    gaps = [v - t for t, v in zip(train_losses, val_losses)]
+    if train_losses[0] <= level:
+        return float(gaps[0])
+    for i in range(1, len(train_losses)):
+        before, after = train_losses[i - 1], train_losses[i]
+        if after <= level:
+            w = (before - level) / (before - after)
+            return float(gaps[i - 1] + w * (gaps[i] - gaps[i - 1]))
+    return None
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

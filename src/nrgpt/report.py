@@ -12,6 +12,10 @@ directory (it has ``sweep.toml``; see ``nrgpt.sweep``) gets, from its finished r
   transparent dot, a line through the best run of each size and a band over the better half of the runs
   of each size (the paper's "top 50%"), the train-validation gap of the best run of each size, and
   Tables 4/6: the best configuration of each model with its generation-quality metrics;
+* every run's evaluations against iterations (validation loss, and the ListOps accuracy where logged),
+  and for language runs the over-fitting view (Figure 4's claim): the train-validation gap against the
+  training loss, and a table of the best-validation iteration, the rise after it and the gap at the
+  training loss that every run reached (``nrgpt.fits.gap_at_train_loss``), so runs are compared at equal fit;
 * the table of all runs.
 """
 
@@ -32,7 +36,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .config import ConfigError
-from .fits import LogisticFit, fit_logistic
+from .fits import LogisticFit, fit_logistic, gap_at_train_loss
 from .plots import new_figure, png_bytes
 from .rundir import METRICS_JSONL, read_metrics
 from .tables import RESULT, SPEC, best_table, collect_results, format_cell, markdown_table
@@ -41,8 +45,8 @@ LEVEL = 0.8  # accuracy that marks the "transition to learning" (Figure 3)
 # Crossings of 80% reported by the paper (Figure 3), for comparison.
 PAPER_CROSSINGS = {"GPT_Rec_parallel": 2.3e4, "NRGPT_H_FF1": 2.4e4, "NRGPT_H_FF2W": 2.98e4}
 RUN_TABLE_COLUMNS = (
-    "slug", "status", "n_params", "iters", "minutes", "best_val_loss", "final_train_loss", "final_val_loss", "gap",
-    "accuracy", "accuracy_heldout",
+    "slug", "status", "n_params", "iters", "minutes", "best_val_loss", "best_iter", "final_train_loss",
+    "final_val_loss", "gap", "accuracy", "accuracy_heldout",
 )
 
 
@@ -181,6 +185,52 @@ def evaluation_curves_figure(runs: Sequence[tuple[str, Path]]) -> Figure:
         axes[0, 0].plot([], [], color=color, label=label)
     axes[0, 0].legend(fontsize="small")
     return fig
+
+
+def common_train_loss(runs: Sequence[tuple[str, Path]]) -> float:
+    """The lowest training loss that every run's evaluations reached: max over runs of min(train_loss)."""
+    from .evaluate import overfitting_curve
+
+    return max(min(overfitting_curve(run_dir)["train_loss"]) for _, run_dir in runs)
+
+
+def overfitting_figure(runs: Sequence[tuple[str, Path]]) -> Figure:
+    """Every run's validation minus training loss against its training loss, one line per run coloured by its
+    label; the x axis runs from high to low training loss, i.e. as training proceeds, so runs are compared
+    at equal fit (dotted: ``common_train_loss``)."""
+    from .evaluate import overfitting_curve
+
+    fig, axes = new_figure(panel_size=(7, 4))
+    ax = axes[0, 0]
+    colors = {label: f"C{i % 10}" for i, label in enumerate(dict.fromkeys(label for label, _ in runs))}
+    for label, run_dir in runs:
+        curve = overfitting_curve(run_dir)
+        ax.plot(curve["train_loss"], curve["gap"], "-", color=colors[label], lw=1.0, alpha=0.8)
+    for label, color in colors.items():
+        ax.plot([], [], color=color, label=label)
+    ax.axvline(common_train_loss(runs), color="0.5", ls=":", lw=1.0)
+    ax.invert_xaxis()
+    ax.set(xlabel="training loss (nats; training proceeds to the right)", ylabel="validation - training loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def overfitting_table(runs: Sequence[tuple[str, Path]]) -> Table:
+    """Per run: the iteration of the best validation loss, that loss, the final one and the rise between them
+    (the upturn of over-fitting), and the gap at the training loss every run reached."""
+    from .evaluate import overfitting_curve
+
+    level = common_train_loss(runs)
+    rows = []
+    for _, run_dir in runs:
+        curve = overfitting_curve(run_dir)
+        best = curve["val_loss"].index(min(curve["val_loss"]))
+        rows.append([run_dir.name, curve["iter"][best], curve["val_loss"][best], curve["iter"][-1],
+                     curve["val_loss"][-1], curve["val_loss"][-1] - curve["val_loss"][best],
+                     gap_at_train_loss(curve["train_loss"], curve["val_loss"], level)])
+    return Table(["run", "best iter", "best val. loss", "last iter", "last val. loss", "rise after best",
+                  f"gap at train loss {level:.3f}"], rows)
 
 
 def _key_values(data: dict[str, Any], prefix: str = "") -> list[list[Any]]:
@@ -379,6 +429,13 @@ def sweep_blocks(sweep_dir: Path) -> list[Block]:
                    Image("curves", png_bytes(evaluation_curves_figure(runs)),
                          "Every run's validation loss (and ListOps accuracy, where logged) against iterations; "
                          "one colour per model and size (per model beyond 10 of them)")]
+        language_runs = [run for run, r in zip(runs, finished) if r["kind"] == "language"]
+        if language_runs:
+            blocks += ["## Over-fitting at equal training loss (Figure 4's claim)",
+                       Image("overfitting", png_bytes(overfitting_figure(language_runs)),
+                             "Validation minus training loss against training loss, as training proceeds; dotted: "
+                             "the lowest training loss every run reached"),
+                       overfitting_table(language_runs)]
     blocks += ["## Best configuration of each model (Tables 4/6)", Table(*best_table(results))]
     columns = [c for c in RUN_TABLE_COLUMNS if any(r.get(c) is not None for r in results)]
     blocks += ["## All runs", Table(columns, [[r.get(c) for c in columns] for r in results])]

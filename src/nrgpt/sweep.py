@@ -502,14 +502,16 @@ def _headline(result: dict[str, Any]) -> str:
 
 
 def loss_summary(run_dir: str | Path) -> dict[str, Any]:
-    """Best validation loss, final train/validation loss and the gaps (final, and at the best validation
-    loss), from the evaluations in the run's metrics.jsonl."""
+    """Best validation loss and the iteration of that evaluation, final train/validation loss and the gaps
+    (final, and at the best validation loss), from the evaluations in the run's metrics.jsonl."""
     from .evaluate import overfitting_curve
     from .fits import train_val_gap
 
     curve = overfitting_curve(run_dir)
+    best = curve["val_loss"].index(min(curve["val_loss"]))
     return {
-        "best_val_loss": min(curve["val_loss"]), "final_train_loss": curve["train_loss"][-1],
+        "best_val_loss": curve["val_loss"][best], "best_iter": curve["iter"][best],
+        "final_train_loss": curve["train_loss"][-1],
         "final_val_loss": curve["val_loss"][-1], "gap": curve["gap"][-1],
         "gap_at_best": train_val_gap(curve["train_loss"], curve["val_loss"]),
     }
