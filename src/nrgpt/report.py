@@ -26,6 +26,7 @@ import base64
 import html
 import json
 import math
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -420,7 +421,7 @@ def sweep_blocks(sweep_dir: Path) -> list[Block]:
                          "each size (dashed: its final training loss), bands the better half of the runs of each "
                          "size (top); final validation minus training loss of the best run of each size (bottom)")]
     finished = [r for r in results if (sweep_dir / "runs" / r["slug"] / METRICS_JSONL).is_file()]
-    labels = [f"{r['model']} n_embd {r.get('n_embd')}" for r in finished]
+    labels = [re.sub(r"-seed[^-]*", "", r["slug"]) for r in finished]  # a colour per grid point, seeds together
     if len(set(labels)) > 10:
         labels = [str(r["model"]) for r in finished]
     if finished:
@@ -428,7 +429,7 @@ def sweep_blocks(sweep_dir: Path) -> list[Block]:
         blocks += ["## Evaluation curves",
                    Image("curves", png_bytes(evaluation_curves_figure(runs)),
                          "Every run's validation loss (and ListOps accuracy, where logged) against iterations; "
-                         "one colour per model and size (per model beyond 10 of them)")]
+                         "one colour per grid point, its seeds together (per model beyond 10 of them)")]
         language_runs = [run for run, r in zip(runs, finished) if r["kind"] == "language"]
         if language_runs:
             blocks += ["## Over-fitting at equal training loss (Figure 4's claim)",
