@@ -196,12 +196,15 @@ def use_autograd_closed_form(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float = 1e-3,
-               amp: torch.dtype | None = None) -> Callable[[], torch.Tensor]:
+               amp: torch.dtype | None = None, fused: bool | None = None) -> Callable[[], torch.Tensor]:
     """A closure doing one training step: forward (under ``amp`` autocast if given), loss, backward,
-    AdamW step (fused on a GPU, as ``nrgpt train`` does). Returns the loss tensor, not ``.item()``,
-    so that a GPU step has no host synchronisation of its own (``timed`` synchronises)."""
+    AdamW step (``fused`` default: fused on a GPU and on a CPU, as ``nrgpt train`` does; the authors'
+    nanoGPT-based code fuses on a GPU only). Returns the loss tensor, not ``.item()``, so that a GPU step
+    has no host synchronisation of its own (``timed`` synchronises)."""
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=x.is_cuda or None)
+    if fused is None:
+        fused = x.device.type in ("cuda", "cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=fused)
 
     def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
