@@ -28,7 +28,7 @@ import json
 import math
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,6 +165,18 @@ def loss_curve_figure(run_dir: Path) -> Figure:
     return fig
 
 
+def label_colors(labels: Iterable[str]) -> dict[str, str]:
+    """One matplotlib cycle colour per distinct label, in order of first appearance."""
+    return {label: f"C{i % 10}" for i, label in enumerate(dict.fromkeys(labels))}
+
+
+def color_legend(ax: Any, colors: dict[str, str]) -> None:
+    """A legend of one line per label in its colour (the plotted lines themselves carry no labels)."""
+    for label, color in colors.items():
+        ax.plot([], [], color=color, label=label)
+    ax.legend(fontsize="small")
+
+
 def evaluation_curves_figure(runs: Sequence[tuple[str, Path]]) -> Figure:
     """Every run's evaluations against iterations, one line per run coloured by its label (the model):
     validation loss, and beside it the ListOps accuracy where the runs logged it
@@ -174,7 +186,7 @@ def evaluation_curves_figure(runs: Sequence[tuple[str, Path]]) -> Figure:
     if any("accuracy" in r for _, evals in curves for r in evals):
         panels.append(("accuracy", "ListOps accuracy (logged test samples)"))
     fig, axes = new_figure(1, len(panels), panel_size=(6, 4))
-    colors = {label: f"C{i % 10}" for i, label in enumerate(dict.fromkeys(label for label, _ in curves))}
+    colors = label_colors(label for label, _ in curves)
     for ax, (key, ylabel) in zip(axes[0], panels):
         for label, evals in curves:
             points = [(r["iter"], r[key]) for r in evals if key in r]
@@ -182,9 +194,7 @@ def evaluation_curves_figure(runs: Sequence[tuple[str, Path]]) -> Figure:
                 ax.plot(*zip(*points), "-", color=colors[label], lw=1.0, alpha=0.7)
         ax.set(xlabel="iteration", ylabel=ylabel)
         ax.grid(alpha=0.3)
-    for label, color in colors.items():
-        axes[0, 0].plot([], [], color=color, label=label)
-    axes[0, 0].legend(fontsize="small")
+    color_legend(axes[0, 0], colors)
     return fig
 
 
@@ -203,17 +213,15 @@ def overfitting_figure(runs: Sequence[tuple[str, Path]]) -> Figure:
 
     fig, axes = new_figure(panel_size=(7, 4))
     ax = axes[0, 0]
-    colors = {label: f"C{i % 10}" for i, label in enumerate(dict.fromkeys(label for label, _ in runs))}
+    colors = label_colors(label for label, _ in runs)
     for label, run_dir in runs:
         curve = overfitting_curve(run_dir)
         ax.plot(curve["train_loss"], curve["gap"], "-", color=colors[label], lw=1.0, alpha=0.8)
-    for label, color in colors.items():
-        ax.plot([], [], color=color, label=label)
     ax.axvline(common_train_loss(runs), color="0.5", ls=":", lw=1.0)
     ax.invert_xaxis()
     ax.set(xlabel="training loss (nats; training proceeds to the right)", ylabel="validation - training loss")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    color_legend(ax, colors)
     return fig
 
 
