@@ -183,7 +183,8 @@ def _tiny_dataset(path):
 @pytest.mark.parametrize("ff,attention", [("logcosh", "lowrank"), ("logcosh_autograd", "dot_autograd")])
 def test_a_user_energy_trains_decodes_and_records_dynamics(tmp_path, ff, attention):
     from nrgpt.checkpoint import load_model
-    from nrgpt.dynamics import record_dynamics, summarize_dynamics
+    from nrgpt.decoding import greedy_continuations
+    from nrgpt.dynamics import EarlyExit, evaluate_early_exit, record_dynamics, summarize_dynamics
     from nrgpt.runconfig import resolve_config
     from nrgpt.train import train
 
@@ -201,6 +202,13 @@ def test_a_user_energy_trains_decodes_and_records_dynamics(tmp_path, ff, attenti
     prompt = torch.tensor([[1, 2, 3]])
     cached = model.generate(prompt, 20, greedy=True)  # past the block of 16: the window slides
     assert torch.equal(cached, model.generate(prompt, 20, greedy=True, use_cache=False))
+    # batched greedy decoding (ListOps evaluation) and early exit, which run without a graph, too
+    assert model.grads_by_autograd == (ff == "logcosh_autograd")  # decoding then runs under no_grad
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8]]
+    continued = greedy_continuations(model, prompts, eos_id=None, max_new_tokens=4, batch_size=2)
+    assert continued == [model.generate(torch.tensor([p]), 4, greedy=True)[0, len(p):].tolist() for p in prompts]
+    batches = [(torch.tensor([[1, 2, 3, 4]]), torch.tensor([[2, 3, 4, 5]]))]
+    assert evaluate_early_exit(EarlyExit(model, tol=0.0), batches)["avg_steps"] == model.config.n_steps
     dyn = record_dynamics(model.double(), torch.randint(0, model.config.vocab_size, (2, 16)), n_steps=6)
     assert dyn.energy.shape == (7, 2, 16) and dyn.own_move_change.shape == (6, 2, 16)
     assert summarize_dynamics(dyn)["steps"] == 6

@@ -79,6 +79,10 @@ class AtSteps(nn.Module):
     def config(self):
         return self.model.config
 
+    @property
+    def grads_by_autograd(self) -> bool:
+        return self.model.grads_by_autograd
+
     def step_options(self) -> dict[str, Any]:
         return {"n_steps": self.n_steps}
 

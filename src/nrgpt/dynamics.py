@@ -61,6 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .argtypes import comma_list, integer, number, seed
+from .decoding import without_graph
 from .depth import AtSteps, depth_curve
 from .energy import EXIT_RULES, DescentStep, EnergyBlock
 from .evaluate import ListOpsSamples, load_listops_samples, score_listops
@@ -269,7 +270,6 @@ class EarlyExit(AtSteps):
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
-@torch.inference_mode()
 def evaluate_early_exit(ee: EarlyExit, data: Batches | ListOpsSamples, batch_size: int = 64) -> dict[str, float]:
     """{"avg_steps", "loss"} on language batches (x, y) (mean over target tokens), or {"avg_steps",
     "accuracy"} on ListOps samples (greedy decoding; the steps are averaged over the tokens the decoding
@@ -277,9 +277,10 @@ def evaluate_early_exit(ee: EarlyExit, data: Batches | ListOpsSamples, batch_siz
     was_training = ee.training
     ee.eval()
     try:
-        if isinstance(data, ListOpsSamples):
-            return _listops_early_exit(ee, data, batch_size)
-        return _language_early_exit(ee, data)
+        with without_graph(ee):
+            if isinstance(data, ListOpsSamples):
+                return _listops_early_exit(ee, data, batch_size)
+            return _language_early_exit(ee, data)
     finally:
         ee.train(was_training)
 

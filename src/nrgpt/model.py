@@ -26,7 +26,13 @@ from .layers import TransformerBlock
 
 
 class LanguageModel(nn.Module):
-    """Embedding, final norm, head and loss shared by every model; subclasses define ``body``."""
+    """Embedding, final norm, head and loss shared by every model; subclasses define ``body``.
+
+    ``grads_by_autograd``: the forward pass takes autograd of an energy (an energy without a closed-form
+    ``grad``), so decoding and evaluation must run under ``torch.no_grad``, not ``torch.inference_mode``
+    (``nrgpt.decoding.without_graph``)."""
+
+    grads_by_autograd = False
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -126,6 +132,9 @@ class NRGPT(LanguageModel):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.blocks = nn.ModuleList(EnergyBlock(config) for _ in range(config.n_blocks))
+        self.grads_by_autograd = any(not block.ff.has_closed_form() or not (block.attn is None
+                                                                               or block.attn.has_closed_form())
+                                     for block in self.blocks)
         self._init_weights()
         self.register_load_state_dict_pre_hook(lambda module, sd, prefix, *args: rename_legacy_weights(sd, prefix))
 
