@@ -49,6 +49,9 @@ class EnergyBlock(nn.Module):
         self.eta = InferenceRate(config, self.norm)
         self.input_conditioned = self.ff.conditioning == "input"
         self.state_conditioned = self.ff.conditioning == "step"
+        # an energy without a closed-form grad: its gradient is autograd of the energy (no inference_mode)
+        self.grads_by_autograd = not self.ff.has_closed_form() or not (self.attn is None or
+                                                                       self.attn.has_closed_form())
         self.compiled_grad = None  # set by compile_steps
 
     def compile_steps(self, **options) -> None:

@@ -132,9 +132,7 @@ class NRGPT(LanguageModel):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.blocks = nn.ModuleList(EnergyBlock(config) for _ in range(config.n_blocks))
-        self.grads_by_autograd = any(not block.ff.has_closed_form() or not (block.attn is None
-                                                                               or block.attn.has_closed_form())
-                                     for block in self.blocks)
+        self.grads_by_autograd = any(block.grads_by_autograd for block in self.blocks)
         self._init_weights()
         self.register_load_state_dict_pre_hook(lambda module, sd, prefix, *args: rename_legacy_weights(sd, prefix))
 
