@@ -133,10 +133,14 @@ def test_a_language_sweep_report_has_the_overfitting_view(tmp_path):
     sweep_dir = make_sweep_dir(tmp_path, runs)
     for i, r in enumerate(runs):
         write_evaluations(sweep_dir / "runs" / r["slug"], [(0, 3.0, 3.0), (50, 2.0, 2.1 + i / 10), (100, 1.5, 1.7)])
+    # a run still training: its curves are drawn and it has a row, and the common training loss is its lowest
+    write_evaluations(sweep_dir / "runs" / "A-9000-0", [(0, 3.0, 3.0), (50, 2.2, 2.25)])
+    (sweep_dir / "runs" / "A-9000-1").mkdir()  # started, nothing evaluated yet: left out
     _, md = write_report(sweep_dir)
     text = md.read_text()
     assert "## Over-fitting at equal training loss" in text and "(report_files/overfitting.png)" in text
-    assert "| run | best iter | best val. loss |" in text and "gap at train loss 1.500 |" in text
+    assert "| run | best iter | best val. loss |" in text and "gap at train loss 2.200 |" in text
+    assert "| A-9000-0 | 50 | 2.25 | 50 | 2.25 | 0 | 0.05 |" in text and "A-9000-1" not in text
     assert (sweep_dir / "report_files" / "overfitting.png").read_bytes().startswith(b"\x89PNG")
 
 
@@ -161,3 +165,15 @@ def test_report_of_something_else_is_one_clear_error(tmp_path, capsys):
     make_sweep_dir(tmp_path, [])
     assert main(["report", str(tmp_path)]) == 2
     assert "no finished runs" in capsys.readouterr().err
+
+
+def test_a_sweep_whose_runs_are_all_still_training_gets_their_curves(tmp_path, data_dir):
+    sweep_dir = make_sweep_dir(tmp_path, [])
+    run = sweep_dir / "runs" / "GPT-n_embd8"
+    write_evaluations(run, [(0, 3.0, 3.0), (50, 2.0, 2.2)])
+    (run / "config.json").write_text(json.dumps({"model": {"preset": "GPT"}, "data": {"dir": str(data_dir)}}))
+    _, md = write_report(sweep_dir)
+    text = md.read_text()
+    assert "0 finished runs, 1 unfinished ones" in text and "(report_files/curves.png)" in text
+    assert "| GPT-n_embd8 | 50 | 2.2 | 50 | 2.2 | 0 | 0.2 |" in text  # a language dataset: the over-fitting view
+    assert "## All runs" not in text

@@ -407,12 +407,55 @@ def loss_figure(results: list[dict[str, Any]]) -> Figure:
     return fig
 
 
+def _model_and_kind(run_dir: Path) -> tuple[str, str | None]:
+    """A run's model preset and kind of dataset ('listops' or 'language') from its config.json and the dataset
+    it names ('', None where these cannot be read)."""
+    from .data import load_meta
+    from .errors import DataError
+
+    try:
+        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        model, data_dir = str(config["model"]["preset"]), config["data"]["dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "", None
+    try:
+        return model, "listops" if load_meta(data_dir)["kind"] == "listops" else "language"
+    except DataError:
+        return model, None
+
+
+def _curve_runs(sweep_dir: Path, results: list[dict[str, Any]]) -> list[tuple[str, Path, str | None]]:
+    """(label, run directory, kind) of every run with evaluations: the finished ones, then those still
+    training (or interrupted; labelled unfinished, their kind the finished runs' when these share one). A
+    label is the run's slug without its seed, so that seeds share a colour; the model beyond 10 labels."""
+    runs_dir = sweep_dir / "runs"
+    finished = [(r["slug"], str(r["model"]), r["kind"]) for r in results
+                if (runs_dir / r["slug"] / METRICS_JSONL).is_file()]
+    kinds = {kind for _, _, kind in finished}
+    done = {slug for slug, _, _ in finished}
+    unfinished = []
+    started = sorted(p for p in runs_dir.iterdir() if p.is_dir() and p.name not in done) if runs_dir.is_dir() else []
+    for run_dir in started:
+        if (run_dir / METRICS_JSONL).is_file() and any("val_loss" in r and "train_loss" in r
+                                                        for r in read_metrics(run_dir)):
+            model, kind = _model_and_kind(run_dir)
+            unfinished.append((run_dir.name, model, kind or (next(iter(kinds)) if len(kinds) == 1 else None)))
+    points = finished + unfinished
+    labels = [re.sub(r"-seed[^-]*", "", slug) for slug, _, _ in points]
+    if len(set(labels)) > 10:
+        labels = [model for _, model, _ in points]
+    labels[len(finished):] = [f"{label} (unfinished)" for label in labels[len(finished):]]
+    return [(label, runs_dir / slug, k) for label, (slug, _, k) in zip(labels, points)]
+
+
 def sweep_blocks(sweep_dir: Path) -> list[Block]:
     results = collect_results(sweep_dir)
-    if not results:
-        raise ReportError(f"{sweep_dir} has no finished runs yet (no runs/*/{RESULT})")
-    blocks: list[Block] = [f"{len(results)} finished runs. Parameter counts are total parameters (embeddings "
-                           "and head included), as in the paper."]
+    curve_runs = _curve_runs(sweep_dir, results)
+    if not results and not curve_runs:
+        raise ReportError(f"{sweep_dir} has no finished runs yet (no runs/*/{RESULT}) and no evaluations")
+    blocks: list[Block] = [f"{len(results)} finished runs, {len(curve_runs) - len(results)} unfinished ones with "
+                           "evaluations. Parameter counts are total parameters (embeddings and head included), as "
+                           "in the paper."]
     listops = [r for r in results if r["kind"] == "listops"]
     language = [r for r in results if r["kind"] == "language"]
     if listops:
@@ -428,26 +471,24 @@ def sweep_blocks(sweep_dir: Path) -> list[Block]:
                          "Best validation loss against total parameters: dots every run, lines the best run of "
                          "each size (dashed: its final training loss), bands the better half of the runs of each "
                          "size (top); final validation minus training loss of the best run of each size (bottom)")]
-    finished = [r for r in results if (sweep_dir / "runs" / r["slug"] / METRICS_JSONL).is_file()]
-    labels = [re.sub(r"-seed[^-]*", "", r["slug"]) for r in finished]  # a colour per grid point, seeds together
-    if len(set(labels)) > 10:
-        labels = [str(r["model"]) for r in finished]
-    if finished:
-        runs = [(label, sweep_dir / "runs" / r["slug"]) for label, r in zip(labels, finished)]
+    if curve_runs:
+        runs = [(label, run_dir) for label, run_dir, _ in curve_runs]
         blocks += ["## Evaluation curves",
                    Image("curves", png_bytes(evaluation_curves_figure(runs)),
                          "Every run's validation loss (and ListOps accuracy, where logged) against iterations; "
-                         "one colour per grid point, its seeds together (per model beyond 10 of them)")]
-        language_runs = [run for run, r in zip(runs, finished) if r["kind"] == "language"]
+                         "one colour per grid point, its seeds together (per model beyond 10 of them); runs "
+                         "still training are marked unfinished")]
+        language_runs = [(label, run_dir) for label, run_dir, kind in curve_runs if kind == "language"]
         if language_runs:
             blocks += ["## Over-fitting at equal training loss (Figure 4's claim)",
                        Image("overfitting", png_bytes(overfitting_figure(language_runs)),
                              "Validation minus training loss against training loss, as training proceeds; dotted: "
                              "the lowest training loss every run reached"),
                        overfitting_table(language_runs)]
-    blocks += ["## Best configuration of each model (Tables 4/6)", Table(*best_table(results))]
-    columns = [c for c in RUN_TABLE_COLUMNS if any(r.get(c) is not None for r in results)]
-    blocks += ["## All runs", Table(columns, [[r.get(c) for c in columns] for r in results])]
+    if results:
+        blocks += ["## Best configuration of each model (Tables 4/6)", Table(*best_table(results))]
+        columns = [c for c in RUN_TABLE_COLUMNS if any(r.get(c) is not None for r in results)]
+        blocks += ["## All runs", Table(columns, [[r.get(c) for c in columns] for r in results])]
     return blocks
 
 
