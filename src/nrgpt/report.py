@@ -40,7 +40,7 @@ from .config import ConfigError
 from .fits import LogisticFit, fit_logistic, gap_at_train_loss
 from .plots import new_figure, png_bytes
 from .rundir import METRICS_JSONL, read_metrics
-from .tables import RESULT, SPEC, best_table, collect_results, format_cell, markdown_table
+from .tables import RESULT, SPEC, best_table, collect_results, format_cell, markdown_table, run_kind
 
 LEVEL = 0.8  # accuracy that marks the "transition to learning" (Figure 3)
 # Crossings of 80% reported by the paper (Figure 3), for comparison.
@@ -198,26 +198,29 @@ def evaluation_curves_figure(runs: Sequence[tuple[str, Path]]) -> Figure:
     return fig
 
 
-def common_train_loss(runs: Sequence[tuple[str, Path]]) -> float:
-    """The lowest training loss that every run's evaluations reached: max over runs of min(train_loss)."""
+def _curves(runs: Sequence[tuple[str, Path]]) -> list[tuple[str, str, dict[str, list[float]]]]:
+    """(label, run name, ``overfitting_curve``) of each run, read once for the over-fitting figure and table."""
     from .evaluate import overfitting_curve
 
-    return max(min(overfitting_curve(run_dir)["train_loss"]) for _, run_dir in runs)
+    return [(label, run_dir.name, overfitting_curve(run_dir)) for label, run_dir in runs]
+
+
+def common_train_loss(curves: Sequence[tuple[str, str, dict[str, list[float]]]]) -> float:
+    """The lowest training loss that every run's evaluations reached: max over runs of min(train_loss)."""
+    return max(min(curve["train_loss"]) for _, _, curve in curves)
 
 
 def overfitting_figure(runs: Sequence[tuple[str, Path]]) -> Figure:
     """Every run's validation minus training loss against its training loss, one line per run coloured by its
     label; the x axis runs from high to low training loss, i.e. as training proceeds, so runs are compared
     at equal fit (dotted: ``common_train_loss``)."""
-    from .evaluate import overfitting_curve
-
+    curves = _curves(runs)
     fig, axes = new_figure(panel_size=(7, 4))
     ax = axes[0, 0]
     colors = label_colors(label for label, _ in runs)
-    for label, run_dir in runs:
-        curve = overfitting_curve(run_dir)
+    for label, _, curve in curves:
         ax.plot(curve["train_loss"], curve["gap"], "-", color=colors[label], lw=1.0, alpha=0.8)
-    ax.axvline(common_train_loss(runs), color="0.5", ls=":", lw=1.0)
+    ax.axvline(common_train_loss(curves), color="0.5", ls=":", lw=1.0)
     ax.invert_xaxis()
     ax.set(xlabel="training loss (nats; training proceeds to the right)", ylabel="validation - training loss")
     ax.grid(alpha=0.3)
@@ -228,14 +231,12 @@ def overfitting_figure(runs: Sequence[tuple[str, Path]]) -> Figure:
 def overfitting_table(runs: Sequence[tuple[str, Path]]) -> Table:
     """Per run: the iteration of the best validation loss, that loss, the final one and the rise between them
     (the upturn of over-fitting), and the gap at the training loss every run reached."""
-    from .evaluate import overfitting_curve
-
-    level = common_train_loss(runs)
+    curves = _curves(runs)
+    level = common_train_loss(curves)
     rows = []
-    for _, run_dir in runs:
-        curve = overfitting_curve(run_dir)
+    for _, name, curve in curves:
         best = curve["val_loss"].index(min(curve["val_loss"]))
-        rows.append([run_dir.name, curve["iter"][best], curve["val_loss"][best], curve["iter"][-1],
+        rows.append([name, curve["iter"][best], curve["val_loss"][best], curve["iter"][-1],
                      curve["val_loss"][-1], curve["val_loss"][-1] - curve["val_loss"][best],
                      gap_at_train_loss(curve["train_loss"], curve["val_loss"], level)])
     return Table(["run", "best iter", "best val. loss", "last iter", "last val. loss", "rise after best",
@@ -419,7 +420,7 @@ def _model_and_kind(run_dir: Path) -> tuple[str, str | None]:
     except (OSError, ValueError, KeyError, TypeError):
         return "", None
     try:
-        return model, "listops" if load_meta(data_dir)["kind"] == "listops" else "language"
+        return model, run_kind(load_meta(data_dir))
     except DataError:
         return model, None
 

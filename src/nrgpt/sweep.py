@@ -86,6 +86,7 @@ from .tables import (
     collect_results,
     format_cell,
     markdown_table,
+    run_kind,
     write_tables,
 )
 
@@ -526,7 +527,7 @@ def describe_point(point: Point) -> dict[str, Any]:
     meta = load_meta(config.data.dir)
     model_config = config.model_config(meta["vocab_size"])
     flat = _flatten({"model": model_config.to_dict(), "train": config.to_dict()["train"]})
-    record: dict[str, Any] = {"slug": point.slug, "kind": "listops" if meta["kind"] == "listops" else "language"}
+    record: dict[str, Any] = {"slug": point.slug, "kind": run_kind(meta)}
     record.update({column: flat.get(key) for column, key in CONFIG_COLUMNS.items()})
     record.update({k: v for k, v in point.settings.items() if k not in CONFIG_COLUMNS.values()})
     record["n_params"] = build_model(model_config).num_params()

@@ -19,6 +19,11 @@ SPEC = "sweep.toml"
 BEST_BY = {"listops": ("accuracy", True), "language": ("best_val_loss", False)}
 
 
+def run_kind(meta: dict[str, Any]) -> str:
+    """The kind of a run, from its dataset's meta.json: 'listops', or 'language' for every text dataset."""
+    return "listops" if meta["kind"] == "listops" else "language"
+
+
 def collect_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """The ``sweep_result.json`` of every finished run under ``sweep_dir/runs``, sorted by model, size and slug."""
     runs = Path(sweep_dir) / "runs"
