@@ -26,6 +26,26 @@ def train_val_gap(train_losses: Sequence[float], val_losses: Sequence[float]) ->
     return float(val_losses[best] - train_losses[best])
 
 
+def at_first_reaching(values: Sequence[float], others: Sequence[float], level: float, *,
+                      falling: bool = False) -> float | None:
+    """The value of ``others`` where ``values`` (evaluations in order, paired with ``others``) first reaches
+    ``level``: rises to it or above, or with ``falling`` falls to it or below. Linear in ``values`` between
+    the two evaluations around that point; ``others[0]`` if the first evaluation is already there; None if
+    it never gets there. ``others`` = iterations gives the iteration at which a run first reaches an
+    accuracy; ``others`` = gaps, the gap at a training loss (``gap_at_train_loss``)."""
+    if len(values) != len(others) or not values:
+        raise ValueError("need equally long, non-empty sequences")
+    sign = -1.0 if falling else 1.0
+    v, target = [sign * x for x in values], sign * level
+    if v[0] >= target:
+        return float(others[0])
+    for i in range(1, len(v)):
+        if v[i] >= target:
+            w = (target - v[i - 1]) / (v[i] - v[i - 1])
+            return float(others[i - 1] + w * (others[i] - others[i - 1]))
+    return None
+
+
 def gap_at_train_loss(train_losses: Sequence[float], val_losses: Sequence[float], level: float) -> float | None:
     """Generalization gap val - train where the training loss first falls to ``level``: linear in the training
     loss between the two evaluations around that point (the first evaluation's gap if it starts at or below
@@ -33,15 +53,7 @@ def gap_at_train_loss(train_losses: Sequence[float], val_losses: Sequence[float]
     a gap at equal iterations does not (a run that has fitted less has a smaller gap)."""
     if len(train_losses) != len(val_losses) or not val_losses:
         raise ValueError("need equally long, non-empty train and validation loss sequences")
-    gaps = [v - t for t, v in zip(train_losses, val_losses)]
-    if train_losses[0] <= level:
-        return float(gaps[0])
-    for i in range(1, len(train_losses)):
-        before, after = train_losses[i - 1], train_losses[i]
-        if after <= level:
-            w = (before - level) / (before - after)
-            return float(gaps[i - 1] + w * (gaps[i] - gaps[i - 1]))
-    return None
+    return at_first_reaching(train_losses, [v - t for t, v in zip(train_losses, val_losses)], level, falling=True)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

@@ -12,6 +12,8 @@ directory (it has ``sweep.toml``; see ``nrgpt.sweep``) gets, from its finished r
   transparent dot, a line through the best run of each size and a band over the better half of the runs
   of each size (the paper's "top 50%"), the train-validation gap of the best run of each size, and
   Tables 4/6: the best configuration of each model with its generation-quality metrics;
+* for ListOps runs that logged their accuracy while training, the time to learn: the iteration at which
+  each seed first reached 50% and 80%, per grid point (``learning_time_table``);
 * every run's evaluations against iterations (validation loss, and the ListOps accuracy where logged),
   and for language runs the over-fitting view (Figure 4's claim): the train-validation gap against the
   training loss, and a table of the best-validation iteration, the rise after it and the gap at the
@@ -37,12 +39,13 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .config import ConfigError
-from .fits import LogisticFit, fit_logistic, gap_at_train_loss
+from .fits import LogisticFit, at_first_reaching, fit_logistic, gap_at_train_loss
 from .plots import new_figure, png_bytes
 from .rundir import METRICS_JSONL, read_metrics
 from .tables import RESULT, SPEC, best_table, collect_results, format_cell, markdown_table, run_kind
 
 LEVEL = 0.8  # accuracy that marks the "transition to learning" (Figure 3)
+LEARNING_LEVELS = (0.5, LEVEL)  # logged accuracies whose first iteration the learning-time table gives
 # Crossings of 80% reported by the paper (Figure 3), for comparison.
 PAPER_CROSSINGS = {"GPT_Rec_parallel": 2.3e4, "NRGPT_H_FF1": 2.4e4, "NRGPT_H_FF2W": 2.98e4}
 RUN_TABLE_COLUMNS = (
@@ -373,6 +376,42 @@ def crossing_table(results: list[dict[str, Any]], fits: dict[str, LogisticFit | 
                   "paper: n_params at 80%"], rows)
 
 
+def _without_seed(slug: str) -> str:
+    return re.sub(r"-seed[^-]*", "", slug)
+
+
+def _iterations_to(level: float, evals: list[dict[str, Any]]) -> float | None:
+    points = [(r["iter"], r["accuracy"]) for r in evals if "accuracy" in r]
+    return at_first_reaching([a for _, a in points], [i for i, _ in points], level) if points else None
+
+
+def learning_time_table(sweep_dir: Path, results: list[dict[str, Any]]) -> Table | None:
+    """For finished ListOps runs that logged their accuracy during training (``train.eval_accuracy_samples``):
+    per grid point, its seeds together, the test accuracy (mean and range) and the iteration at which each
+    seed's logged accuracy first reached 50% and 80% (linear between evaluations; ``nrgpt.fits.
+    at_first_reaching``), "-" for a seed that never did. The spread of those iterations is how much the
+    time to leave ListOps' loss plateau varies from seed to seed. None when no run logged its accuracy."""
+    groups: dict[str, list[tuple[dict[str, Any], list[dict[str, Any]]]]] = defaultdict(list)
+    for r in results:
+        run_dir = sweep_dir / "runs" / r["slug"]
+        evals = read_metrics(run_dir) if r["kind"] == "listops" and (run_dir / METRICS_JSONL).is_file() else []
+        if any("accuracy" in e and "val_loss" in e for e in evals):
+            groups[_without_seed(r["slug"])].append((r, [e for e in evals if "val_loss" in e]))
+    if not groups:
+        return None
+    rows = []
+    for key, runs in sorted(groups.items(), key=lambda kv: (str(kv[1][0][0]["model"]), kv[1][0][0]["n_params"])):
+        runs.sort(key=lambda run: run[0]["slug"])
+        accuracy = [r["accuracy"] for r, _ in runs if r.get("accuracy") is not None]
+        spread = f"{min(accuracy):.3f}-{max(accuracy):.3f}" if len(accuracy) > 1 else None
+        times = [" / ".join("-" if (t := _iterations_to(level, evals)) is None else f"{t:,.0f}" for _, evals in runs)
+                 for level in LEARNING_LEVELS]
+        rows.append([key, runs[0][0]["model"], runs[0][0]["n_params"], len(runs),
+                     sum(accuracy) / len(accuracy) if accuracy else None, spread, *times])
+    return Table(["grid point", "model", "n_params", "seeds", "test accuracy (mean)", "range",
+                  *(f"iteration at {level:.0%} (each seed)" for level in LEARNING_LEVELS)], rows)
+
+
 def per_size(runs: list[dict[str, Any]], column: str) -> list[tuple[int, list[dict[str, Any]]]]:
     """The runs of one model grouped by parameter count, each group sorted by ``column`` (best first)."""
     groups: dict[int, list[dict[str, Any]]] = defaultdict(list)
@@ -442,7 +481,7 @@ def _curve_runs(sweep_dir: Path, results: list[dict[str, Any]]) -> list[tuple[st
             model, kind = _model_and_kind(run_dir)
             unfinished.append((run_dir.name, model, kind or (next(iter(kinds)) if len(kinds) == 1 else None)))
     points = finished + unfinished
-    labels = [re.sub(r"-seed[^-]*", "", slug) for slug, _, _ in points]
+    labels = [_without_seed(slug) for slug, _, _ in points]
     if len(set(labels)) > 10:
         labels = [model for _, model, _ in points]
     labels[len(finished):] = [f"{label} (unfinished)" for label in labels[len(finished):]]
@@ -466,6 +505,9 @@ def sweep_blocks(sweep_dir: Path) -> list[Block]:
                          "ListOps test accuracy (top) and best validation / final training loss (bottom) against "
                          "total parameters; lines: logistic fits; stars: where a fit crosses 80%"),
                    crossing_table(listops, fits)]
+        learning = learning_time_table(sweep_dir, listops)
+        if learning is not None:
+            blocks += ["## Time to learn: iterations to 50% and 80% logged accuracy", learning]
     if language:
         blocks += ["## Validation loss against size (Figure 4)",
                    Image("figure4", png_bytes(loss_figure(language)),
