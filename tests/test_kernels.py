@@ -189,3 +189,20 @@ def test_under_autocast_the_gradients_are_float32_and_close(kind):
     for a, b in zip(low, exact):
         assert a.dtype == torch.float32
         assert (a - b).norm() <= 0.05 * b.norm()
+
+
+def test_small_cpu_gelus_run_with_onednn_off_and_the_flag_comes_back():
+    state = lambda h: torch.tensor(torch.backends.mkldnn.enabled)  # noqa: E731 - what the call saw
+    small, large = torch.randn(4, 64), torch.randn(kernels.Fused.min_elements)
+    assert not kernels._aten(state, small) and kernels._aten(state, large)
+    assert torch.backends.mkldnn.enabled
+
+    def fails(h):
+        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        kernels._aten(fails, small)
+    assert torch.backends.mkldnn.enabled
+    h, v = torch.randn(3, 512), torch.randn(3, 512)  # ATen's kernel and oneDNN's agree to float32 rounding
+    torch.testing.assert_close(kernels.gelu(h), torch.nn.functional.gelu(h), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kernels._aten_gelu_backward(v, h), torch.ops.aten.gelu_backward(v, h),
+                               rtol=1e-6, atol=1e-6)

@@ -189,14 +189,37 @@ def _inference() -> bool:
     return not torch.is_grad_enabled()
 
 
-_gelu_backward = torch.ops.aten.gelu_backward  # v * sigma'(h) in one kernel
+def _aten(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
+    """``fn(*args)``, ``F.gelu(h)`` or ``aten.gelu_backward(v, h)``, with oneDNN off for a small CPU input h.
+    ATen hands a contiguous float32 or bfloat16 CPU tensor's GELU to oneDNN, whose fixed cost per call
+    (~20 us) is 5-10x ATen's own vectorised kernel below ``Fused.min_elements`` elements: one-token
+    decoding. Larger inputs keep oneDNN, which is faster there."""
+    h = args[-1]
+    if (h.numel() >= Fused.min_elements or h.device.type != "cpu" or torch.compiler.is_compiling()
+            or not torch.backends.mkldnn.enabled):
+        return fn(*args)
+    torch.backends.mkldnn.enabled = False
+    try:
+        return fn(*args)
+    finally:
+        torch.backends.mkldnn.enabled = True
+
+
+def _aten_gelu_backward(v: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """v * sigma'(h) in one kernel."""
+    return _aten(torch.ops.aten.gelu_backward, v, h)
+
+
+def gelu(h: torch.Tensor) -> torch.Tensor:
+    """The exact GELU, ``F.gelu``, its small CPU inputs kept off oneDNN (``_aten``)."""
+    return _aten(F.gelu, h)
 
 
 def ff1_grad(g: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
     """dE/dg = -2 W1^T (sigma(h) * sigma'(h)), h = W1 g + b1 (eq. 14), for g (..., D)."""
     if _inference():
         h = F.linear(g, w1, b1)
-        return -2.0 * (_gelu_backward(F.gelu(h), h) @ w1)
+        return -2.0 * (_aten_gelu_backward(gelu(h), h) @ w1)
     return StackedGrad.apply("ff1", _rows(g), w1, b1, None).view_as(g)
 
 
@@ -212,7 +235,7 @@ def ff2w_grad(g: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Ten
     W1 (mD, D), W2 (D, mD). The stacking [W1; W2^T] is an autograd op (cheap: weights)."""
     if _inference():
         h = F.linear(g, w1, b1)
-        return -(F.linear(F.gelu(h), w2, b2) + _gelu_backward(g @ w2, h) @ w1)
+        return -(F.linear(gelu(h), w2, b2) + _aten_gelu_backward(g @ w2, h) @ w1)
     return StackedGrad.apply("ff2w", _rows(g), torch.cat([w1, w2.T]), b1, -b2).view_as(g)
 
 
@@ -268,6 +291,6 @@ def ff2_grad(g: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tens
     for g (..., D); W1 (D, D), W2 (mD, D)."""
     if _inference():
         h = F.linear(g, w1, b1)
-        u = F.linear(F.gelu(h), w2, b2)
-        return -2.0 * (_gelu_backward(_gelu_backward(F.gelu(u), u) @ w2, h) @ w1)
+        u = F.linear(gelu(h), w2, b2)
+        return -2.0 * (_aten_gelu_backward(_aten_gelu_backward(gelu(u), u) @ w2, h) @ w1)
     return FF2Grad.apply(_rows(g), w1, b1, w2, b2).view_as(g)

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import dam_grad, ff1_grad, ff2_grad, ff2w_grad
+from ..kernels import dam_grad, ff1_grad, ff2_grad, ff2w_grad, gelu
 from .base import FFEnergy, register_energy
 
 
@@ -112,7 +112,7 @@ class GatedEnergy(FFEnergy):
         return -(gelu_integral(self.up(g)) * self.gate(c)).sum(-1)
 
     def grad(self, g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return -((F.gelu(self.up(g)) * self.gate(c)) @ self.up.weight)
+        return -((gelu(self.up(g)) * self.gate(c)) @ self.up.weight)
 
 
 @register_energy("glu_step")
