@@ -111,6 +111,31 @@ def test_other_text_warns_and_splits_90_10(tmp_path):
     assert (meta["vocab_size"], meta["train_tokens"], meta["val_tokens"]) == (11, 91, 11)
 
 
+def test_train_fraction_keeps_the_start_of_the_training_split_and_the_rest(shakespeare, tmp_path, capsys):
+    from nrgpt import cli
+
+    out = tmp_path / "tenth"
+    assert cli.main(["prepare", "shakespeare", "--source", str(require(SHAKESPEARE)), "--train-fraction", "0.1",
+                     "--out", str(out)]) == 0
+    assert "100,385 train and 111,540 val tokens" in capsys.readouterr().out  # int(0.1 * 1,003,854)
+    meta, full = load_meta(out), load_meta(shakespeare)
+    assert (meta["train_tokens"], meta["val_tokens"], meta["train_fraction"]) == (100_385, 111_540, 0.1)
+    assert "train_fraction" not in full and meta["vocab_size"] == full["vocab_size"] == 65
+    assert (out / "vocab.json").read_text() == (shakespeare / "vocab.json").read_text()
+    assert np.array_equal(tokens(out, "train"), tokens(shakespeare, "train")[:100_385])
+    assert np.array_equal(tokens(out, "val"), tokens(shakespeare, "val"))
+    for bad in (0.0, 1.5):
+        with pytest.raises(DataError, match=r"train_fraction = .* in \(0, 1\]"):
+            prepare_shakespeare_char(tmp_path / "bad", require(SHAKESPEARE), train_fraction=bad)
+    with pytest.raises(DataError, match="keeps 0 of the 1003854 training characters"):
+        prepare_shakespeare_char(tmp_path / "bad", require(SHAKESPEARE), train_fraction=1e-7)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["prepare", "shakespeare", "--train-fraction", "0", "--out", str(tmp_path / "bad")])
+    assert stop.value.code == 2
+    assert "--train-fraction: 0 is out of range: use a number > 0 and <= 1" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_find_raw_file_order(tmp_path, monkeypatch):
     env, cwd = tmp_path / "env", tmp_path / "project"
     for d in (env, cwd / "data" / "raw", tmp_path / "shared" / "data"):

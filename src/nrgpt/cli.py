@@ -57,7 +57,7 @@ def prepare(args: argparse.Namespace) -> int:
 
     out = args.out or f"data/{args.dataset.replace('import-', '')}"
     if args.dataset == "shakespeare":
-        path = data.prepare_shakespeare_char(out, source=args.source)
+        path = data.prepare_shakespeare_char(out, source=args.source, train_fraction=args.train_fraction)
     elif args.dataset == "listops":
         path = data.prepare_listops(out, preset=args.preset, seed=args.seed, **_listops_overrides(args.set))
     elif args.dataset == "import-listops":
@@ -80,6 +80,9 @@ def _register_prepare(subparsers: argparse._SubParsersAction) -> None:
     shakespeare = kinds.add_parser("shakespeare", help="Tiny Shakespeare as characters (out: data/shakespeare)")
     shakespeare.add_argument("--source", help="tinyshakespeare.txt (default: search $NRGPT_DATA_DIR, ./data/raw, "
                                               "../shared/data, then download)")
+    shakespeare.add_argument("--train-fraction", type=number(0, 1, strict=True), default=1.0,
+                             help="keep only the first fraction of the training split (default 1; the validation "
+                                  "split and vocabulary are unchanged)")
     listops = kinds.add_parser("listops", help="generate ListOps (out: data/listops)")
     listops.add_argument("--preset", default="reference", help="reference (the authors' dataset) or paper")
     listops.add_argument("--seed", type=seed, default=0)

@@ -17,6 +17,9 @@ Tiny Shakespeare
 else ``https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt``. The
 vocabulary is the 65 distinct characters, sorted; the first 90% of the characters (``int(n * 0.9)`` =
 1,003,854) are the training split and the rest (111,540) the validation split, as in nanoGPT and the paper.
+``train_fraction`` < 1 keeps only the first ``int(train_fraction * 1,003,854)`` characters of the training
+split, with the same vocabulary and validation split: a smaller corpus on which a model over-fits within a
+CPU budget (``nrgpt prepare shakespeare --train-fraction 0.1``).
 
 Corpora
 -------
@@ -136,8 +139,12 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path} is not UTF-8 text ({e})") from None
 
 
-def prepare_shakespeare_char(out_dir: str | Path, source: str | Path | None = None) -> Path:
-    """Tiny Shakespeare as characters into ``out_dir`` (see the module docstring); return ``out_dir``."""
+def prepare_shakespeare_char(out_dir: str | Path, source: str | Path | None = None,
+                             train_fraction: float = 1.0) -> Path:
+    """Tiny Shakespeare as characters into ``out_dir`` (see the module docstring): the first 90% the training
+    split, of which the first ``train_fraction`` is kept; return ``out_dir``."""
+    if not 0.0 < train_fraction <= 1.0:
+        raise DataError(f"train_fraction = {train_fraction!r}: keep a fraction in (0, 1] of the training split")
     if source is not None:
         path = Path(source)
     else:
@@ -150,17 +157,21 @@ def prepare_shakespeare_char(out_dir: str | Path, source: str | Path | None = No
                       stacklevel=2)
     if len(text) < 10:
         raise DataError(f"{path} has only {len(text)} characters: too short to split into train and val")
+    split = int(len(text) * 0.9)
+    kept = int(split * train_fraction)
+    if kept < 2:
+        raise DataError(f"train_fraction = {train_fraction} keeps {kept} of the {split} training characters; "
+                        "keep at least 2")
     out_dir = start_dataset_dir(out_dir)
     symbols = sorted(set(text))
     ids = CharTokenizer(symbols).encode_array(text)
-    split = int(len(ids) * 0.9)
     dtype = token_dtype(len(symbols))
     (out_dir / "vocab.json").write_text(json.dumps(symbols) + "\n", encoding="utf-8")
     write_meta(out_dir, {
         "kind": "char", "vocab_size": len(symbols), "dtype": dtype, "eos_id": None,
-        "train_tokens": write_tokens(out_dir / "train.bin", [ids[:split]], dtype),
+        "train_tokens": write_tokens(out_dir / "train.bin", [ids[:kept]], dtype),
         "val_tokens": write_tokens(out_dir / "val.bin", [ids[split:]], dtype),
-        "source": str(path), "md5": md5,
+        "source": str(path), "md5": md5, **({"train_fraction": train_fraction} if kept < split else {}),
     })
     return out_dir
 
