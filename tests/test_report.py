@@ -112,12 +112,12 @@ def test_sweep_report_draws_every_run_s_evaluation_curves(tmp_path):
 
 
 def test_learning_time_table_gives_each_seed_s_iteration_at_50_and_80_percent(tmp_path):
-    runs = [{"slug": f"n_embd16-A-seed{i}", "kind": "listops", "model": "A", "n_params": 900, "accuracy": acc}
-            for i, acc in ((1, 0.85), (2, 0.45))]
+    runs = [{"slug": slug, "kind": "listops", "model": "A", "n_params": 900, "accuracy": acc}
+            for slug, acc in (("n_embd16-A-seed10", 0.45), ("seed9-n_embd16-A", 0.85))]  # the seed axis anywhere
     runs.append({"slug": "n_embd32-A-seed1", "kind": "listops", "model": "A", "n_params": 3000, "accuracy": 0.9})
     runs.append({"slug": "n_embd16-B", "kind": "listops", "model": "B", "n_params": 800, "accuracy": 0.3})  # no log
     sweep_dir = make_sweep_dir(tmp_path, runs)
-    logged = {"n_embd16-A-seed1": (0.1, 0.4, 0.6, 0.9), "n_embd16-A-seed2": (0.1, 0.2, 0.3, 0.5),
+    logged = {"seed9-n_embd16-A": (0.1, 0.4, 0.6, 0.9), "n_embd16-A-seed10": (0.1, 0.2, 0.3, 0.5),
               "n_embd32-A-seed1": (0.55, 0.7, 0.85, 0.9)}
     for slug, accuracy in logged.items():
         evals = [{"iter": 1000 * i, "train_loss": 1.0, "val_loss": 1.1, "accuracy": a} for i, a in enumerate(accuracy)]
@@ -126,8 +126,8 @@ def test_learning_time_table_gives_each_seed_s_iteration_at_50_and_80_percent(tm
     (sweep_dir / "runs" / "n_embd16-B" / "metrics.jsonl").write_text(json.dumps({"iter": 0, "val_loss": 2.0}) + "\n")
     table = learning_time_table(sweep_dir, runs)
     assert table.rows == [
-        # seed 1: 0.4 -> 0.6 between 1,000 and 2,000 crosses 0.5 halfway; 0.6 -> 0.9 crosses 0.8 at 2/3.
-        # seed 2 reaches 0.5 exactly at its last evaluation and never 0.8
+        # seed 9: 0.4 -> 0.6 between 1,000 and 2,000 crosses 0.5 halfway; 0.6 -> 0.9 crosses 0.8 at 2/3.
+        # seed 10 (after 9: seeds in numeric order) reaches 0.5 exactly at its last evaluation and never 0.8
         ["n_embd16-A", "A", 900, 2, pytest.approx(0.65), "0.450-0.850", "1,500 / 3,000", "2,667 / -"],
         ["n_embd32-A", "A", 3000, 1, 0.9, None, "0", "1,667"],  # above 50% at its first evaluation
     ]

@@ -376,8 +376,16 @@ def crossing_table(results: list[dict[str, Any]], fits: dict[str, LogisticFit | 
                   "paper: n_params at 80%"], rows)
 
 
+def _seed_part(slug: str) -> tuple[str, int]:
+    """(the slug without its seed part, the seed; -1 if none), wherever the seed axis is (``seed1-A-n_embd16``,
+    ``n_embd16-A-seed1``)."""
+    parts = slug.split("-")
+    seeds = [int(part[4:]) for part in parts if re.fullmatch(r"seed\d+", part)]
+    return "-".join(part for part in parts if not re.fullmatch(r"seed\d+", part)), seeds[0] if seeds else -1
+
+
 def _without_seed(slug: str) -> str:
-    return re.sub(r"-seed[^-]*", "", slug)
+    return _seed_part(slug)[0]
 
 
 def _iterations_to(level: float, evals: list[dict[str, Any]]) -> float | None:
@@ -388,8 +396,8 @@ def _iterations_to(level: float, evals: list[dict[str, Any]]) -> float | None:
 def learning_time_table(sweep_dir: Path, results: list[dict[str, Any]]) -> Table | None:
     """For finished ListOps runs that logged their accuracy during training (``train.eval_accuracy_samples``):
     per grid point, its seeds together, the test accuracy (mean and range) and the iteration at which each
-    seed's logged accuracy first reached 50% and 80% (linear between evaluations; ``nrgpt.fits.
-    at_first_reaching``), "-" for a seed that never did. The spread of those iterations is how much the
+    seed's logged accuracy first reached 50% and 80% (seeds in increasing order; linear between evaluations,
+    ``nrgpt.fits.at_first_reaching``), "-" for a seed that never did. The spread of those iterations is how much the
     time to leave ListOps' loss plateau varies from seed to seed. None when no run logged its accuracy."""
     groups: dict[str, list[tuple[dict[str, Any], list[dict[str, Any]]]]] = defaultdict(list)
     for r in results:
@@ -401,7 +409,7 @@ def learning_time_table(sweep_dir: Path, results: list[dict[str, Any]]) -> Table
         return None
     rows = []
     for key, runs in sorted(groups.items(), key=lambda kv: (str(kv[1][0][0]["model"]), kv[1][0][0]["n_params"])):
-        runs.sort(key=lambda run: run[0]["slug"])
+        runs.sort(key=lambda run: (_seed_part(run[0]["slug"])[1], run[0]["slug"]))
         accuracy = [r["accuracy"] for r, _ in runs if r.get("accuracy") is not None]
         spread = f"{min(accuracy):.3f}-{max(accuracy):.3f}" if len(accuracy) > 1 else None
         times = [" / ".join("-" if (t := _iterations_to(level, evals)) is None else f"{t:,.0f}" for _, evals in runs)
