@@ -81,8 +81,8 @@ def _register_prepare(subparsers: argparse._SubParsersAction) -> None:
     shakespeare.add_argument("--source", help="tinyshakespeare.txt (default: search $NRGPT_DATA_DIR, ./data/raw, "
                                               "../shared/data, then download)")
     shakespeare.add_argument("--train-fraction", type=number(0, 1, strict=True), default=1.0,
-                             help="keep only the first fraction of the training split (default 1; the validation "
-                                  "split and vocabulary are unchanged)")
+                             help="keep only this fraction of the training split, the start of every 10,000 "
+                                  "characters (default 1; the validation split and vocabulary are unchanged)")
     listops = kinds.add_parser("listops", help="generate ListOps (out: data/listops)")
     listops.add_argument("--preset", default="reference", help="reference (the authors' dataset) or paper")
     listops.add_argument("--seed", type=seed, default=0)
