@@ -379,9 +379,13 @@ def crossing_table(results: list[dict[str, Any]], fits: dict[str, LogisticFit | 
 def _seed_part(slug: str) -> tuple[str, int]:
     """(the slug without its seed part, the seed; -1 if none), wherever the seed axis is (``seed1-A-n_embd16``,
     ``n_embd16-A-seed1``)."""
-    parts = slug.split("-")
-    seeds = [int(part[4:]) for part in parts if re.fullmatch(r"seed\d+", part)]
-    return "-".join(part for part in parts if not re.fullmatch(r"seed\d+", part)), seeds[0] if seeds else -1
+    rest, seed = [], -1
+    for part in slug.split("-"):
+        if re.fullmatch(r"seed\d+", part):
+            seed = int(part[4:])
+        else:
+            rest.append(part)
+    return "-".join(rest), seed
 
 
 def _without_seed(slug: str) -> str:
