@@ -105,14 +105,14 @@ class InferenceRate(nn.Module):
         return self.apply_rate(grad, min(step, self.n - 1))
 
     def _free(self, grad: torch.Tensor, t: int) -> torch.Tensor:
-        return grad @ self.weight[t].T
+        return F.linear(grad, self.weight[t])
 
     def _descent(self, grad: torch.Tensor, t: int) -> torch.Tensor:
         return grad * (self.log_c[t].exp() * self.gamma_source[0].gamma)
 
     def _psd(self, grad: torch.Tensor, t: int) -> torch.Tensor:
         u, v = self.U[t], self.V[t]
-        return grad @ (u.T @ u + v - v.T).T
+        return F.linear(grad, u.T @ u + v - v.T)
 
     def _diag_lowrank(self, grad: torch.Tensor, t: int) -> torch.Tensor:
         u = self.U[t]

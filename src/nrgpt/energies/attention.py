@@ -106,10 +106,10 @@ class LowRankAttention(LogSumExpAttention):
         self.alpha = nn.Parameter(torch.ones(config.n_head))
 
     def queries(self, g: torch.Tensor) -> torch.Tensor:
-        return self._split(g @ self.query.T, self.head_dim)
+        return self._split(F.linear(g, self.query), self.head_dim)
 
     def keys(self, g: torch.Tensor) -> torch.Tensor:
-        return self._split(g @ self.key.T, self.head_dim)
+        return self._split(F.linear(g, self.key), self.head_dim)
 
     def query_adjoint(self, o: torch.Tensor) -> torch.Tensor:
         return self._merge(o) @ self.query
@@ -130,7 +130,7 @@ class FullAttention(LogSumExpAttention):
         return g.unsqueeze(1).expand(-1, self.n_head, -1, -1)
 
     def keys(self, g: torch.Tensor) -> torch.Tensor:
-        return self._split(g @ self.key.T, self.dim)
+        return self._split(F.linear(g, self.key), self.dim)
 
     def query_adjoint(self, o: torch.Tensor) -> torch.Tensor:
         return o.sum(1)
