@@ -352,3 +352,30 @@ def test_real_tiny_listops_sweep_end_to_end(tmp_path, listops_dir, capsys):
     results = run_sweep(sweep, train_fn=lambda c, **kw: calls.append(kw) or train(c, **kw), log=lambda _: None)
     assert calls == [{"resume": True, "overwrite": False, "quiet": False}] and len(results) == 2
     assert json.loads((run_dir / "result.json").read_text())["iters"] == 6
+
+
+def test_dry_run_counts_parameters_with_the_datasets_vocabulary_and_marks_a_guess(tmp_path, capsys, listops_dir):
+    from nrgpt import ModelConfig, build_model
+
+    grid = "[grid]\nmodel.preset = ['NRGPT_H_FF1']\nmodel.n_embd = [8]\n[budget]\niters = 8\n"
+    count = lambda vocab: build_model(ModelConfig.preset(  # noqa: E731
+        "NRGPT_H_FF1", n_embd=8, block_size=32, n_steps=2, vocab_size=vocab)).num_params()
+    vocab = json.loads((listops_dir / "meta.json").read_text())["vocab_size"]
+    assert vocab != ModelConfig.vocab_size
+    out = tmp_path / "out"
+    assert main(["sweep", str(write_sweep(tmp_path, grid, data=listops_dir)), "--dry-run", "--out-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"| NRGPT_H_FF1-n_embd8 | {count(vocab):,} | false |" in printed and "*" not in printed
+
+    assert main(["sweep", str(write_sweep(tmp_path, grid, data=tmp_path / "none")), "--dry-run", "--out-dir",
+                 str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert f"| NRGPT_H_FF1-n_embd8 | {count(ModelConfig.vocab_size):,}* | false |" in printed
+    assert printed[-2] == (f"* counted with the default vocabulary ({ModelConfig.vocab_size}): no prepared dataset "
+                           f"in {tmp_path / 'none'}; prepare it (`nrgpt prepare`) for the exact counts")
+
+    grid = grid.replace("[budget]", "model.vocab_size = [30]\n[budget]")  # set in the config: no guess, no data read
+    assert main(["sweep", str(write_sweep(tmp_path, grid, data=tmp_path / "none")), "--dry-run", "--out-dir",
+                 str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"| {count(30):,} | false |" in printed and "*" not in printed

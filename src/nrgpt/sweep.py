@@ -73,7 +73,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from .config import ConfigError, ModelConfig
 from .data import load_meta
 from .errors import read_parsed
 from .runconfig import RunConfig, defaults, layer, load_preset, merge
@@ -583,29 +583,37 @@ def parse_shard(text: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------- command
 
 
-def plan(sweep: Sweep) -> list[list[Any]]:
-    """(slug, total parameters, finished) of every point; parameters use the dataset's vocabulary when it is
-    prepared, else the config's vocab_size, else ModelConfig's default."""
-    from .config import ModelConfig
+def plan(sweep: Sweep) -> tuple[list[list[Any]], list[str]]:
+    """(slug, total parameters, finished) of every point, and the data directories that are not prepared.
+    Parameters use the config's vocab_size when it is set, else the prepared dataset's; a point whose
+    dataset is not prepared is counted with ModelConfig's default vocabulary and its count marked '*'."""
     from .data import DataError
     from .model import build_model
 
-    rows = []
+    rows, unprepared = [], []
     for point in sweep.points:
-        try:
-            vocab = load_meta(point.config.data.dir)["vocab_size"]
-        except DataError:
-            vocab = ModelConfig.vocab_size
+        vocab, mark = None, ""
+        if point.config.model.vocab_size is None:
+            try:
+                vocab = load_meta(point.config.data.dir)["vocab_size"]
+            except DataError:
+                vocab, mark = ModelConfig.vocab_size, "*"
+                if point.config.data.dir not in unprepared:
+                    unprepared.append(point.config.data.dir)
         n = build_model(point.config.model_config(vocab)).num_params()
-        rows.append([point.slug, n, is_finished(point.run_dir)])
-    return rows
+        rows.append([point.slug, f"{n:,}{mark}", is_finished(point.run_dir)])
+    return rows, unprepared
 
 
 def command(args: argparse.Namespace) -> int:
     shard = parse_shard(args.shard)
     sweep = load_sweep(args.sweep_file, out_dir=args.out_dir)
     if args.dry_run:
-        print(markdown_table(["run", "n_params", "finished"], plan(sweep)), end="")
+        rows, unprepared = plan(sweep)
+        print(markdown_table(["run", "n_params", "finished"], rows), end="")
+        if unprepared:
+            print(f"* counted with the default vocabulary ({ModelConfig.vocab_size}): no prepared dataset in "
+                  f"{', '.join(unprepared)}; prepare it (`nrgpt prepare`) for the exact counts")
         print(f"{len(sweep.points)} runs in {sweep.out_dir}")
         return 0
     run_sweep(sweep, shard=shard, quiet=args.quiet)
