@@ -31,6 +31,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from nrgpt import ModelConfig, build_model  # noqa: E402
+from nrgpt.device import keep_freed_memory  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PAPER_SHAPE = dict(n_embd=128, n_head=1, n_steps=8, block_size=256, vocab_size=65)
@@ -51,6 +52,10 @@ def parser(description: str, gpu: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                    help="cpu: time by the process's CPU time, robust to other processes sharing the machine "
                         "(use with --threads 1: with more threads it also counts threads waiting for work)")
+    p.add_argument("--malloc", default="keep", choices=("keep", "default"),
+                   help="keep (default): malloc keeps freed memory for reuse, as `nrgpt train` on a CPU sets it "
+                        "(nrgpt.device.keep_freed_memory; for everything the process runs, the authors' code "
+                        "included); default: glibc's own behaviour, which page-faults on large buffers")
     if gpu:
         p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                        help="where models and data live (default cpu; cuda: timings synchronise the device)")
@@ -59,15 +64,17 @@ def parser(description: str, gpu: bool = False) -> argparse.ArgumentParser:
 
 DEVICE = torch.device("cpu")  # set by setup(--device); build() and batch() put models and data there
 CLOCK = time.perf_counter  # set by setup(--clock)
+MALLOC_KEEPS_FREED = False  # set by setup(--malloc)
 
 
 def setup(args: argparse.Namespace) -> None:
-    global DEVICE, CLOCK
+    global DEVICE, CLOCK, MALLOC_KEEPS_FREED
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     device = getattr(args, "device", "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available on this machine; use --device cpu")
     DEVICE = torch.device(device)
+    MALLOC_KEEPS_FREED = args.malloc == "keep" and DEVICE.type == "cpu" and keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -102,6 +109,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "malloc_keeps_freed_memory": MALLOC_KEEPS_FREED,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "load_average": [round(x, 2) for x in os.getloadavg()],

@@ -48,7 +48,7 @@ from tqdm import tqdm
 from . import checkpoint, distributed
 from .config import ModelConfig
 from .data import TokenStream, load_meta
-from .device import autocast_dtype, check_threads, pick_device
+from .device import autocast_dtype, check_threads, keep_freed_memory, pick_device
 from .errors import CheckpointError, ConfigError, DivergenceError, first_line
 from .evaluate import load_listops_samples, score_listops
 from .model import LanguageModel, build_model
@@ -219,6 +219,8 @@ class Trainer:
         distributed.setup(self.dist, self.device)
         if config.system.threads:
             torch.set_num_threads(config.system.threads)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # no page faults on the step's large buffers
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")
         torch.manual_seed(tc.seed + self.dist.rank)
