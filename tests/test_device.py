@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 import textwrap
@@ -31,7 +32,7 @@ def _faults(mode: str) -> tuple[bool, int, int]:
     return out[0] == "True", int(out[1]), int(out[2])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_freed_tensor_memory_is_reused_without_page_faults():
     kept, first, again = _faults("default")
     pages = (64 << 20) // 4096

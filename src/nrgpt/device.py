@@ -60,7 +60,7 @@ def keep_freed_memory() -> bool:
     it is freed: blocks above its mmap threshold (at most 32 MiB) are unmapped, and the free top of the
     heap beyond its trim threshold is released. A training step frees and allocates buffers of tens of MiB
     many times over (NRGPT_H_FF2W at the paper's shape: 16 MiB N x 8D tensors, 16 per step), and every
-    page of a block the system hands back is faulted in again on its first write: ~20,000-35,000 minor page
+    page of a block the system hands back is faulted in again on its first write: 18,000-34,000 minor page
     faults per step. Here every block comes from the heap (``M_MMAP_MAX`` = 0) and the heap is never
     trimmed (``M_TRIM_THRESHOLD``), so a freed block is reused as it is. The process then holds on to its
     peak memory until it exits, which a training run reaches every step anyway. A no-op (False) where the C
