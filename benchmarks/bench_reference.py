@@ -11,7 +11,8 @@ checked equal, and then, side by side in one process (interleaved rounds, median
   path, whatever it compiles counted in its time) against the authors' ``generate(greedy=True)``
   (full recomputation), tokens asserted identical (weights perturbed so that the argmax is decisive).
 
-Without a checkout the script says so and exits 0 (no results, no targets).
+Without a checkout the script says so and exits 0 (no results, no targets). ``--device cuda`` runs both
+codes on the GPU (the authors' optimizer fused there, as theirs is; timings synchronise the device).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 import types
 from pathlib import Path
 
+import common
 import torch
 from common import (
     PAPER_BATCH,
@@ -33,6 +35,7 @@ from common import (
     parser,
     setup,
     stats,
+    sync,
     table,
     target,
     train_step,
@@ -66,18 +69,18 @@ def reference_model(models: types.ModuleType, cls: str, seed: int = 0, **shape) 
         vocab_size=shape["vocab_size"], ff_hid_factor=4, dropout=0.0, bias=False, tril_plus_one=False,
     )
     torch.manual_seed(seed)
-    return getattr(models, cls)(cfg)
+    return getattr(models, cls)(cfg).to(common.DEVICE)
 
 
 def ours_from(ref: torch.nn.Module, cls: str, shape: dict) -> torch.nn.Module:
     """nrgpt's model holding the reference model's weights (through a checkpoint in its format)."""
-    ckpt = {"model": ref.state_dict(), "config": {"model_path": f"models.{cls}"},
+    ckpt = {"model": {k: v.cpu() for k, v in ref.state_dict().items()}, "config": {"model_path": f"models.{cls}"},
             "model_args": {"n_embed": shape["n_embd"], "n_head": shape["n_head"], "n_layer": shape["n_steps"],
                            "block_size": shape["block_size"], "vocab_size": shape["vocab_size"],
                            "ff_hid_factor": 4, "dropout": 0.0, "tril_plus_one": False}}
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(ckpt, Path(tmp) / "ref.pt")
-        return load_reference_checkpoint(Path(tmp) / "ref.pt")
+        return load_reference_checkpoint(Path(tmp) / "ref.pt").to(common.DEVICE)
 
 
 def generation(models: types.ModuleType, cls: str, shape: dict, n_new: int) -> dict:
@@ -89,15 +92,17 @@ def generation(models: types.ModuleType, cls: str, shape: dict, n_new: int) -> d
     with torch.no_grad():
         noise = torch.Generator().manual_seed(2)
         for p in ref.parameters():
-            p.add_(torch.randn(p.shape, generator=noise) * 0.15)
+            p.add_(torch.randn(p.shape, generator=noise).to(p.device) * 0.15)
     ours, ref = ours_from(ref, cls, shape).eval(), ref.eval()
     prompt = torch.randint(0, shape["vocab_size"], (1, shape["block_size"] - n_new),
-                           generator=torch.Generator().manual_seed(1))
+                           generator=torch.Generator().manual_seed(1)).to(common.DEVICE)
     outs, secs = {}, {}
     for name, model in (("ours", ours), ("reference", ref)):
+        sync()
         t0 = time.perf_counter()
         with torch.no_grad():
             outs[name] = model.generate(prompt, n_new, greedy=True)
+        sync()
         secs[name] = time.perf_counter() - t0
     same = torch.equal(outs["ours"], outs["reference"])
     assert same, "greedy tokens differ between nrgpt and the authors' code"
@@ -106,7 +111,7 @@ def generation(models: types.ModuleType, cls: str, shape: dict, n_new: int) -> d
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
+    p = parser(__doc__.splitlines()[0], gpu=True)
     p.add_argument("--reference-dir", type=Path, default=os.environ.get("NRGPT_REFERENCE_DIR"),
                    help="checkout of github.com/bhoov/nrgpt (default $NRGPT_REFERENCE_DIR)")
     p.add_argument("--presets", nargs="+", default=["NRGPT_H_FF2W", "NRGPT_H_FF1"])

@@ -2,7 +2,8 @@
 
     python benchmarks/run_all.py            # full run (~10 min on 2 cores)
     python benchmarks/run_all.py --quick    # ~2-3 min: smaller shapes, fewer repetitions
-    python benchmarks/run_all.py --device cuda --out benchmarks/results/cuda   # GPU: readiness, training, generation
+    python benchmarks/run_all.py --device cuda --out benchmarks/results/cuda   # GPU: readiness, training, generation,
+                                            # and the authors' code where NRGPT_REFERENCE_DIR is set
     NRGPT_REFERENCE_DIR=~/nrgpt-ref python benchmarks/run_all.py --only bench_train.py bench_flops.py bench_reference.py
                                             # the training targets (~6 min); bench_reference.py needs a checkout
                                             # of github.com/bhoov/nrgpt (it skips without one)
@@ -44,6 +45,7 @@ GPU_SCRIPTS = {  # what runs with --device cuda: the scripts that take a device
     "check_gpu.py": "gpu_check",
     "bench_train.py": "train_step",
     "bench_generate.py": "generation",
+    "bench_reference.py": "reference",  # against the authors' code on the GPU, where NRGPT_REFERENCE_DIR is set
 }
 
 
