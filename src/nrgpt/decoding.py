@@ -64,6 +64,7 @@ class KVCache:
         self._slots: torch.Tensor | None = None  # static decoding: 0..capacity-1
         self._static_step = False
         self._n_new = 0  # tokens of the current step (between begin and advance)
+        self.packed = None  # nrgpt.native: the model's weights and these buffers for its C step
 
     def begin(self, n_tokens: int, device: torch.device) -> None:
         """Prepare to take ``n_tokens`` new tokens (called before the model body runs on them)."""

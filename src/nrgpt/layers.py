@@ -98,7 +98,8 @@ class InferenceRate(nn.Module):
     def matrix(self, step: int = 0) -> torch.Tensor:
         """eta^(step) as a D x D matrix (for analysis; ``forward`` never forms it for 'descent')."""
         d = self.gamma_source[0].dim
-        eye = torch.eye(d, device=self.gamma_source[0].gamma.device)
+        gamma = self.gamma_source[0].gamma
+        eye = torch.eye(d, device=gamma.device, dtype=gamma.dtype)
         return self(eye, step).T
 
     def forward(self, grad: torch.Tensor, step: int = 0) -> torch.Tensor:

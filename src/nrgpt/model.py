@@ -23,6 +23,8 @@ from .config import ConfigError, ModelConfig
 from .decoding import KVCache, compile_decode, decode, forward_cached, generate
 from .energy import DescentStep, EnergyBlock, descent, first_graph_step, truncated_state
 from .layers import TransformerBlock
+from .native import descend as descend_in_c
+from .native import serves as served_in_c
 
 
 class LanguageModel(nn.Module):
@@ -133,6 +135,7 @@ class NRGPT(LanguageModel):
         super().__init__(config)
         self.blocks = nn.ModuleList(EnergyBlock(config) for _ in range(config.n_blocks))
         self.grads_by_autograd = any(block.grads_by_autograd for block in self.blocks)
+        self.native_decoding = served_in_c(self.blocks)  # one-token steps in C (nrgpt.native)
         self._init_weights()
         self.register_load_state_dict_pre_hook(lambda module, sd, prefix, *args: rename_legacy_weights(sd, prefix))
 
@@ -156,6 +159,11 @@ class NRGPT(LanguageModel):
 
     def body(self, x: torch.Tensor, cache: KVCache | None = None, n_steps: int | None = None,
              tol: float | None = None, backprop_steps: int = 0, exit_on: str = "grad") -> torch.Tensor:
+        if (cache is not None and self.native_decoding and n_steps is None and tol is None
+                and not torch.compiler.is_compiling()):
+            out = descend_in_c(self, x, cache)
+            if out is not None:
+                return out
         for step in self.descent(x, cache, n_steps, tol, backprop_steps, exit_on):
             x = step.x_next
         return x
