@@ -51,7 +51,7 @@ def decode_steps(model, idx: torch.Tensor, prefill: int, use_native: bool):
 def test_native_step_equals_the_eager_descent_in_float64(settings):
     model = model_for(settings, torch.float64)
     assert model.native_decoding
-    idx = torch.randint(0, 11, (3, 12), generator=torch.Generator().manual_seed(1))
+    idx = torch.randint(0, 11, (native.MAX_BATCH, 12), generator=torch.Generator().manual_seed(1))
     eager, eager_cache = decode_steps(model, idx, 4, use_native=False)
     fast, fast_cache = decode_steps(model, idx, 4, use_native=True)
     assert fast_cache.packed is not None  # the C step ran
@@ -105,6 +105,11 @@ def test_what_native_does_not_serve_decodes_eagerly():
         model.forward_cached(idx[:, 4:5], cache)  # training mode (dropout): eager
         assert cache.packed is None
     model.eval()
+    wide = KVCache(12)
+    with torch.no_grad():
+        model.forward_cached(idx[:1].expand(native.MAX_BATCH + 1, -1)[:, :3], wide)
+        model.forward_cached(idx[:1].expand(native.MAX_BATCH + 1, -1)[:, 3:4], wide)  # more rows: eager
+    assert wide.packed is None
     model.forward_cached(idx[:, 5:6], cache)  # and now it serves the step
     assert cache.packed is not None
 

@@ -4,11 +4,11 @@ An eager one-token step is bound by dispatch: a few hundred ATen ops of a few mi
 few hundred thousand FLOPs per step. ``csrc/descent.c`` runs eq. 6 for the new token over every step of
 every block as plain loops (the same closed forms as ``nrgpt.energies``, over the KV cache's own
 buffers), and ``descend`` calls it from ``NRGPT.body`` whenever it serves the step: a CPU, float32 or
-float64, one new token per row after a prefill, eval mode without autograd, no step options (``n_steps``,
-``tol``), and a model whose parts it knows (``serves``): the norms, the 'lowrank' and 'full' attention
-energies (both masks, both grad modes) or none, the ff1, ff2w, ff2 and dam energies, ``ff_scale``, and
-every inference rate (applied as its matrix, ``InferenceRate.matrix``). Anything else decodes eagerly,
-with the same results.
+float64, one new token in each of at most ``MAX_BATCH`` rows after a prefill, eval mode without
+autograd, no step options (``n_steps``, ``tol``), and a model whose parts it knows (``serves``): the
+norms, the 'lowrank' and 'full' attention energies (both masks, both grad modes) or none, the ff1,
+ff2w, ff2 and dam energies, ``ff_scale``, and every inference rate (applied as its matrix,
+``InferenceRate.matrix``). Anything else decodes eagerly, with the same results.
 
 The C file is compiled on first use with the system's C compiler (``$CC``, else cc, gcc or clang) for
 this CPU (``-march=native``) into ``$NRGPT_CACHE_DIR`` (default ``~/.cache/nrgpt``), keyed by the
@@ -47,6 +47,10 @@ _NORMS = {"none": 0, "layernorm": 1, "bare_layernorm": 1, "rmsnorm": 2}
 _ATTENTION = {type(None): 0, LowRankAttention: 1, FullAttention: 2}
 _FF = {FF1: 0, FF2W: 1, FF2: 2, DenseAssociativeMemory: 3}
 _W_COUNT = 11
+# Rows of one step: descent.c's loops cost about the same per row whatever the batch, while the eager
+# step's batched products amortise its dispatch; at 2 threads the C step was 2.3-2.5x faster at batch 4
+# and n_embd 128, 1.4-1.6x at 256-768, and slower from batch 8-16 on (docs/performance.md)
+MAX_BATCH = 4
 
 _libraries: dict[torch.dtype, ctypes.CDLL | None] = {}
 
@@ -167,8 +171,8 @@ class _Packed:
 def descend(model, x: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
     """The states after every step for the new tokens x (B, 1, D) by descent.c, or None where it does
     not serve this step (the caller then runs the eager descent)."""
-    if (not enabled or x.shape[1] != 1 or cache.length == 0 or cache.static_step or x.device.type != "cpu"
-            or x.dtype not in _TYPES or model.training or torch.is_grad_enabled()):
+    if (not enabled or x.shape[1] != 1 or x.shape[0] > MAX_BATCH or cache.length == 0 or cache.static_step
+            or x.device.type != "cpu" or x.dtype not in _TYPES or model.training or torch.is_grad_enabled()):
         return None
     lib = library(x.dtype)
     if lib is None:

@@ -26,31 +26,59 @@ enum { C_D, C_H, C_HD, C_HIDDEN, C_BLOCKS, C_STEPS, C_NORM, C_ATT, C_STRICT, C_S
 
 #define EPS 1e-5
 
-/* y (n) = W x + b, W (n, m) */
-static void matvec(const REAL *W, const REAL *x, const REAL *b, REAL *y, int n, int m) {
-    for (int i = 0; i < n; i++) {
+/* Y (nb, n) = X W^T + b for nb rows X (nb, m), W (n, m). Four weight rows at a time: four independent
+   sums (one vectorised sum is bound by the latency of its FMAs), each weight row read once for all rows */
+static void matvec(const REAL *W, const REAL *X, const REAL *b, REAL *Y, int nb, int n, int m) {
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const REAL *w0 = W + (size_t)i * m, *w1 = w0 + m, *w2 = w1 + m, *w3 = w2 + m;
+        for (int r = 0; r < nb; r++) {
+            const REAL *x = X + (size_t)r * m;
+            REAL s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+            for (int j = 0; j < m; j++) {
+                s0 += w0[j] * x[j];
+                s1 += w1[j] * x[j];
+                s2 += w2[j] * x[j];
+                s3 += w3[j] * x[j];
+            }
+            REAL *y = Y + (size_t)r * n + i;
+            y[0] = b ? s0 + b[i] : s0;
+            y[1] = b ? s1 + b[i + 1] : s1;
+            y[2] = b ? s2 + b[i + 2] : s2;
+            y[3] = b ? s3 + b[i + 3] : s3;
+        }
+    }
+    for (; i < n; i++) {
         const REAL *w = W + (size_t)i * m;
-        REAL s = 0;
-        for (int j = 0; j < m; j++) s += w[j] * x[j];
-        y[i] = b ? s + b[i] : s;
+        for (int r = 0; r < nb; r++) {
+            const REAL *x = X + (size_t)r * m;
+            REAL s = 0;
+            for (int j = 0; j < m; j++) s += w[j] * x[j];
+            Y[(size_t)r * n + i] = b ? s + b[i] : s;
+        }
     }
 }
 
-/* y (m) += a W^T x, W (n, m) */
-static void matvec_t_add(const REAL *W, const REAL *x, REAL a, REAL *y, int n, int m) {
+/* Y (nb, m) += a X W for nb rows X (nb, n), W (n, m) */
+static void matvec_t_add(const REAL *W, const REAL *X, REAL a, REAL *Y, int nb, int n, int m) {
     for (int i = 0; i < n; i++) {
-        const REAL c = a * x[i];
         const REAL *w = W + (size_t)i * m;
-        for (int j = 0; j < m; j++) y[j] += c * w[j];
+        for (int r = 0; r < nb; r++) {
+            const REAL c = a * X[(size_t)r * n + i];
+            REAL *y = Y + (size_t)r * m;
+            for (int j = 0; j < m; j++) y[j] += c * w[j];
+        }
     }
 }
 
-/* the exact GELU sigma(h) = h Phi(h) and sigma'(h) = Phi(h) + h phi(h) */
+/* the exact GELU sigma(h) = h Phi(h) and sigma'(h) = Phi(h) + h phi(h), in REAL's precision */
+#define ERF(z) _Generic((z), float: erff, default: erf)(z)
+#define EXP(z) _Generic((z), float: expf, default: exp)(z)
 static void gelu_terms(REAL h, REAL *s, REAL *s1) {
-    const double cdf = 0.5 + 0.5 * erf((double)h * 0.70710678118654752440);
-    const double pdf = exp(-0.5 * (double)h * h) * 0.39894228040143267794;
-    *s = (REAL)(h * cdf);
-    *s1 = (REAL)(cdf + h * pdf);
+    const REAL cdf = (REAL)0.5 + (REAL)0.5 * ERF(h * (REAL)0.70710678118654752440);
+    const REAL pdf = EXP((REAL)-0.5 * h * h) * (REAL)0.39894228040143267794;
+    *s = h * cdf;
+    *s1 = cdf + h * pdf;
 }
 
 static void norm(int kind, const REAL *x, const REAL *w, const REAL *b, REAL *g, int d) {
@@ -68,46 +96,46 @@ static void norm(int kind, const REAL *x, const REAL *w, const REAL *b, REAL *g,
     for (int i = 0; i < d; i++) g[i] = (REAL)((x[i] - mu) * r) * w[i] + (b ? b[i] : 0);
 }
 
-/* grad (D) += s dE^FF/dg at g: the closed forms of nrgpt/energies/feedforward.py */
-static void ff_grad(const int *c, const REAL *const *w, const REAL *g, REAL *grad, REAL *h, REAL *u) {
+/* grad (nb, D) += s dE^FF/dg at g (nb, D): the closed forms of nrgpt/energies/feedforward.py; h and u
+   hold nb x max(hidden, 3 D) each */
+static void ff_grad(const int *c, const REAL *const *w, const REAL *g, REAL *grad, REAL *h, REAL *u, int nb) {
     const int d = c[C_D], m = c[C_HIDDEN], kind = c[C_FF];
+    const size_t n = (size_t)nb * m, nd = (size_t)nb * d;
     const REAL s = w[W_FF_SCALE] ? w[W_FF_SCALE][0] : 1;
     const REAL *W1 = w[W_FC1_W], *W2 = w[W_FC2_W];
     REAL a, a1;
     if (kind == FF_FF2) { /* W1 (D, D), W2 (m, D): u = W2 sigma(h) + b2, w = -2 W2^T (sigma(u) sigma'(u)) */
-        matvec(W1, g, w[W_FC1_B], h, d, d);
-        REAL *sh = h + d, *ds = h + 2 * d;
-        for (int i = 0; i < d; i++) gelu_terms(h[i], &sh[i], &ds[i]);
-        matvec(W2, sh, w[W_FC2_B], u, m, d);
-        for (int i = 0; i < m; i++) {
+        REAL *sh = h + nd, *ds = h + 2 * nd;
+        matvec(W1, g, w[W_FC1_B], h, nb, d, d);
+        for (size_t i = 0; i < nd; i++) gelu_terms(h[i], &sh[i], &ds[i]);
+        matvec(W2, sh, w[W_FC2_B], u, nb, m, d);
+        for (size_t i = 0; i < n; i++) {
             gelu_terms(u[i], &a, &a1);
             u[i] = -2 * a * a1;
         }
-        memset(sh, 0, sizeof(REAL) * d);
-        matvec_t_add(W2, u, 1, sh, m, d);
-        for (int i = 0; i < d; i++) sh[i] *= ds[i];
-        matvec_t_add(W1, sh, s, grad, d, d);
+        memset(sh, 0, sizeof(REAL) * nd);
+        matvec_t_add(W2, u, 1, sh, nb, m, d);
+        for (size_t i = 0; i < nd; i++) sh[i] *= ds[i];
+        matvec_t_add(W1, sh, s, grad, nb, d, d);
         return;
     }
-    matvec(W1, g, w[W_FC1_B], h, m, d);
+    matvec(W1, g, w[W_FC1_B], h, nb, m, d);
     if (kind == FF_FF2W) { /* -(W2 sigma(h) + b2) - W1^T (sigma'(h) * W2^T g), W2 (D, m) */
-        memset(u, 0, sizeof(REAL) * m);
-        matvec_t_add(W2, g, 1, u, d, m);
-        for (int i = 0; i < m; i++) {
+        memset(u, 0, sizeof(REAL) * n);
+        matvec_t_add(W2, g, 1, u, nb, d, m);
+        for (size_t i = 0; i < n; i++) {
             gelu_terms(h[i], &a, &a1);
-            h[i] = a;
-            u[i] *= a1;
+            h[i] = -s * a;
+            u[i] *= -s * a1;
         }
-        for (int i = 0; i < d; i++) {
-            const REAL *row = W2 + (size_t)i * m;
-            REAL t = w[W_FC2_B] ? w[W_FC2_B][i] : 0;
-            for (int j = 0; j < m; j++) t += row[j] * h[j];
-            grad[i] -= s * t;
-        }
-        matvec_t_add(W1, u, -s, grad, m, d);
+        matvec_t_add(W1, u, 1, grad, nb, m, d);
+        REAL *out = u; /* W2 sigma(h), reusing u */
+        matvec(W2, h, NULL, out, nb, d, m);
+        for (int r = 0; r < nb; r++)
+            for (int i = 0; i < d; i++) grad[(size_t)r * d + i] += out[(size_t)r * d + i] - (w[W_FC2_B] ? s * w[W_FC2_B][i] : 0);
         return;
     }
-    for (int i = 0; i < m; i++) {
+    for (size_t i = 0; i < n; i++) {
         if (kind == FF_FF1) {
             gelu_terms(h[i], &a, &a1);
             h[i] = -2 * a * a1;
@@ -115,84 +143,80 @@ static void ff_grad(const int *c, const REAL *const *w, const REAL *g, REAL *gra
             h[i] = h[i] > 0 ? -h[i] : 0; /* dam: -ReLU(h) */
         }
     }
-    matvec_t_add(W1, h, s, grad, m, d);
+    matvec_t_add(W1, h, s, grad, nb, m, d);
 }
 
-/* grad (D) += dE^AT/dg at g for the token at `length`, after writing its keys into K (H, cap, hd):
-   -sum_h alpha_h [Q_h^T sum_B p_AB k_B + p_AA K_h^T q_A] (eq. 11; the second term with C_SELF) */
-static void att_grad(const int *c, const REAL *const *w, const REAL *g, REAL *K, int length, int cap,
-                     REAL *grad, REAL *q, REAL *k, REAL *o, REAL *v, REAL *p) {
+/* grad (nb, D) += dE^AT/dg at g (nb, D) for the tokens at `length`, after writing their keys into
+   keys (nb, H, cap, hd): -sum_h alpha_h [Q_h^T sum_B p_AB k_B + p_AA K_h^T q_A] (eq. 11; the second
+   term with C_SELF) */
+static void att_grad(const int *c, const REAL *const *w, const REAL *g, REAL *keys, int length, int cap,
+                     REAL *grad, REAL *q, REAL *k, REAL *o, REAL *v, REAL *p, int nb) {
     const int d = c[C_D], H = c[C_H], hd = c[C_HD], full = c[C_ATT] == ATT_FULL;
     const int n_vis = c[C_STRICT] ? length : length + 1;
+    const size_t heads = (size_t)H * hd;
     const REAL beta = full ? 1 : 1 / sqrt((double)hd);
-    matvec(w[W_KEY], g, NULL, k, H * hd, d);
-    for (int h = 0; h < H; h++) memcpy(K + ((size_t)h * cap + length) * hd, k + (size_t)h * hd, sizeof(REAL) * hd);
-    if (!full) matvec(w[W_QUERY], g, NULL, q, d, d);
-    for (int h = 0; h < H; h++) {
-        const REAL *qh = full ? g : q + (size_t)h * hd, *Kh = K + (size_t)h * cap * hd;
-        const REAL alpha = w[W_ALPHA] ? w[W_ALPHA][h] : 1;
-        REAL *oh = o + (size_t)h * hd, *vh = v + (size_t)h * hd;
-        memset(oh, 0, sizeof(REAL) * hd);
-        memset(vh, 0, sizeof(REAL) * hd);
-        if (n_vis == 0) continue; /* the first token under the strict mask sees no key */
-        REAL top = -INFINITY;
-        for (int b = 0; b < n_vis; b++) {
-            const REAL *kb = Kh + (size_t)b * hd;
-            REAL s = 0;
-            for (int e = 0; e < hd; e++) s += qh[e] * kb[e];
-            p[b] = beta * s;
-            if (p[b] > top) top = p[b];
-        }
-        double z = 0;
-        for (int b = 0; b < n_vis; b++) z += (p[b] = exp(p[b] - top));
-        for (int b = 0; b < n_vis; b++) {
-            const REAL pb = (REAL)(alpha * p[b] / z), *kb = Kh + (size_t)b * hd;
-            for (int e = 0; e < hd; e++) oh[e] += pb * kb[e];
-        }
-        if (c[C_SELF]) {
-            const REAL ps = (REAL)(alpha * p[length] / z);
-            for (int e = 0; e < hd; e++) vh[e] = ps * qh[e];
+    matvec(w[W_KEY], g, NULL, k, nb, H * hd, d);
+    if (!full) matvec(w[W_QUERY], g, NULL, q, nb, d, d);
+    memset(o, 0, sizeof(REAL) * nb * heads);
+    memset(v, 0, sizeof(REAL) * nb * heads);
+    for (int r = 0; r < nb; r++) {
+        REAL *K = keys + (size_t)r * H * cap * hd;
+        for (int h = 0; h < H; h++)
+            memcpy(K + ((size_t)h * cap + length) * hd, k + r * heads + (size_t)h * hd, sizeof(REAL) * hd);
+        for (int h = 0; h < H; h++) {
+            const REAL *qh = full ? g + (size_t)r * d : q + (size_t)r * d + (size_t)h * hd;
+            const REAL *Kh = K + (size_t)h * cap * hd;
+            const REAL alpha = w[W_ALPHA] ? w[W_ALPHA][h] : 1;
+            REAL *oh = o + r * heads + (size_t)h * hd, *vh = v + r * heads + (size_t)h * hd;
+            if (n_vis == 0) continue; /* the first token under the strict mask sees no key */
+            matvec(Kh, qh, NULL, p, 1, n_vis, hd); /* scores q_A . k_B */
+            REAL top = -INFINITY;
+            for (int b = 0; b < n_vis; b++) top = p[b] > top ? p[b] : top;
+            REAL z = 0;
+            for (int b = 0; b < n_vis; b++) z += (p[b] = EXP(beta * (p[b] - top)));
+            matvec_t_add(Kh, p, alpha / z, oh, 1, n_vis, hd); /* sum_B p_AB k_B */
+            if (c[C_SELF]) {
+                const REAL ps = alpha * p[length] / z;
+                for (int e = 0; e < hd; e++) vh[e] = ps * qh[e];
+            }
         }
     }
     if (full) { /* Q_h = I: sum_h o_h */
-        for (int h = 0; h < H; h++)
-            for (int e = 0; e < d; e++) grad[e] -= o[(size_t)h * hd + e];
+        for (int r = 0; r < nb; r++)
+            for (int h = 0; h < H; h++)
+                for (int e = 0; e < d; e++) grad[(size_t)r * d + e] -= o[r * heads + (size_t)h * hd + e];
     } else {
-        matvec_t_add(w[W_QUERY], o, -1, grad, d, d);
+        matvec_t_add(w[W_QUERY], o, -1, grad, nb, d, d);
     }
-    if (c[C_SELF]) matvec_t_add(w[W_KEY], v, -1, grad, H * hd, d);
+    if (c[C_SELF]) matvec_t_add(w[W_KEY], v, -1, grad, nb, H * hd, d);
 }
 
 /* Every step of every block for one new token per row. x (batch, D) is updated in place; keys[slot]
-   (batch, H, cap, hd) get the new token's keys at `length`; w holds W_COUNT pointers per block; eta
+   (batch, H, cap, hd) get the new tokens' keys at `length`; w holds W_COUNT pointers per block; eta
    (C_ETA_N matrices of D x D per block) is applied as delta = M grad, or is the identity where NULL.
    Returns 0, or 1 if scratch memory could not be allocated. */
 int nrgpt_descend(const int *c, const REAL *const *w, REAL *x, REAL *const *keys, int batch, int length, int cap) {
-    const int d = c[C_D], H = c[C_H], hd = c[C_HD], m = c[C_HIDDEN];
-    const size_t wide = (size_t)(m > 3 * d ? m : 3 * d), heads = (size_t)H * hd;
-    REAL *buf = malloc(sizeof(REAL) * (3 * (size_t)d + 2 * wide + 4 * heads + (size_t)cap + (size_t)d));
+    const int d = c[C_D], m = c[C_HIDDEN];
+    const size_t nb = (size_t)batch, wide = (size_t)(m > 3 * d ? m : 3 * d), heads = (size_t)c[C_H] * c[C_HD];
+    REAL *buf = malloc(sizeof(REAL) * (nb * (3 * (size_t)d + 2 * wide + 4 * heads) + (size_t)cap + 1));
     if (!buf) return 1;
-    REAL *g = buf, *grad = g + d, *delta = grad + d, *h = delta + d, *u = h + wide, *q = u + wide,
-         *k = q + heads, *o = k + heads, *v = o + heads, *p = v + heads;
-    for (int r = 0; r < batch; r++) {
-        REAL *xr = x + (size_t)r * d;
-        for (int blk = 0; blk < c[C_BLOCKS]; blk++) {
-            const REAL *const *wb = w + (size_t)blk * W_COUNT;
-            for (int t = 0; t < c[C_STEPS]; t++) {
-                const int slot = blk * c[C_STEPS] + t;
-                norm(c[C_NORM], xr, wb[W_NORM_W], wb[W_NORM_B], g, d);
-                memset(grad, 0, sizeof(REAL) * d);
-                ff_grad(c, wb, g, grad, h, u);
-                if (c[C_ATT] != ATT_NONE)
-                    att_grad(c, wb, g, keys[slot] + (size_t)r * H * cap * hd, length, cap, grad, q, k, o, v, p);
-                if (wb[W_ETA]) {
-                    const int step = t < c[C_ETA_N] ? t : c[C_ETA_N] - 1;
-                    matvec(wb[W_ETA] + (size_t)step * d * d, grad, NULL, delta, d, d);
-                    for (int i = 0; i < d; i++) xr[i] -= delta[i];
-                } else {
-                    for (int i = 0; i < d; i++) xr[i] -= grad[i];
-                }
+    REAL *g = buf, *grad = g + nb * d, *delta = grad + nb * d, *h = delta + nb * d, *u = h + nb * wide,
+         *q = u + nb * wide, *k = q + nb * heads, *o = k + nb * heads, *v = o + nb * heads, *p = v + nb * heads;
+    for (int blk = 0; blk < c[C_BLOCKS]; blk++) {
+        const REAL *const *wb = w + (size_t)blk * W_COUNT;
+        for (int t = 0; t < c[C_STEPS]; t++) {
+            for (int r = 0; r < batch; r++) norm(c[C_NORM], x + r * d, wb[W_NORM_W], wb[W_NORM_B], g + r * d, d);
+            memset(grad, 0, sizeof(REAL) * nb * d);
+            ff_grad(c, wb, g, grad, h, u, batch);
+            if (c[C_ATT] != ATT_NONE)
+                att_grad(c, wb, g, keys[blk * c[C_STEPS] + t], length, cap, grad, q, k, o, v, p, batch);
+            const REAL *step = grad;
+            if (wb[W_ETA]) {
+                const int e = t < c[C_ETA_N] ? t : c[C_ETA_N] - 1;
+                matvec(wb[W_ETA] + (size_t)e * d * d, grad, NULL, delta, batch, d, d);
+                step = delta;
             }
+            for (size_t i = 0; i < nb * d; i++) x[i] -= step[i];
         }
     }
     free(buf);
