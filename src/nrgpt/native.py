@@ -48,8 +48,8 @@ _ATTENTION = {type(None): 0, LowRankAttention: 1, FullAttention: 2}
 _FF = {FF1: 0, FF2W: 1, FF2: 2, DenseAssociativeMemory: 3}
 _W_COUNT = 11
 # Rows of one step: descent.c's loops cost about the same per row whatever the batch, while the eager
-# step's batched products amortise its dispatch; at 2 threads the C step was 2.3-2.5x faster at batch 4
-# and n_embd 128, 1.4-1.6x at 256-768, and slower from batch 8-16 on (docs/performance.md)
+# step's batched products amortise its dispatch; at 2 threads the C step was 1.4-2.7x faster at 4 rows
+# (n_embd 768-128) and slower from 8-16 rows on (docs/performance.md)
 MAX_BATCH = 4
 
 _libraries: dict[torch.dtype, ctypes.CDLL | None] = {}
