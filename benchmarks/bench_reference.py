@@ -11,7 +11,7 @@ checked equal, and then, side by side in one process (interleaved rounds, median
   path, whatever it compiles counted in its time) against the authors' ``generate(greedy=True)``
   (full recomputation), tokens asserted identical (weights perturbed so that the argmax is decisive);
   nrgpt's first, as on a new machine, builds its C decoding step (``nrgpt.native``, about a second once
-  per machine), and the target is on the calls after it.
+  per machine) in the background and decodes eagerly until it is ready; the target is on the calls after it.
 
 Without a checkout the script says so and exits 0 (no results, no targets). ``--device cuda`` runs both
 codes on the GPU (the authors' optimizer fused there, as theirs is; timings synchronise the device).
@@ -95,11 +95,12 @@ def _generate(model: torch.nn.Module, prompt: torch.Tensor, n_new: int) -> tuple
 
 
 def generation(models: types.ModuleType, cls: str, shape: dict, n_new: int) -> dict:
-    """Greedy generation, batch 1, from a prompt of block_size - n_new tokens, nrgpt's default path (whatever
-    it compiles counted) twice: first as on a new machine, which builds nrgpt's C decoding step (into an
-    empty ``NRGPT_CACHE_DIR``), then as every later call; the authors' code once. The tokens must be
-    identical. The weights get N(0, 0.15) noise first (as the reference fixtures do): at initialisation
-    the logits are nearly tied, and float32 round-off would decide the argmax."""
+    """Greedy generation, batch 1, from a prompt of block_size - n_new tokens, nrgpt's default path
+    (whatever it compiles counted) twice: first as on a new machine, where nrgpt's C decoding step is built
+    (into an empty ``NRGPT_CACHE_DIR``) in the background while decoding goes on eagerly, then as every
+    later call (the median of three); the authors' code once. The tokens must be identical. The weights
+    get N(0, 0.15) noise first (as the reference fixtures do): at initialisation the logits are nearly
+    tied, and float32 round-off would decide the argmax."""
     ref = reference_model(models, cls, **shape)
     with torch.no_grad():
         noise = torch.Generator().manual_seed(2)
@@ -110,14 +111,16 @@ def generation(models: types.ModuleType, cls: str, shape: dict, n_new: int) -> d
                            generator=torch.Generator().manual_seed(1)).to(common.DEVICE)
     with tempfile.TemporaryDirectory() as empty:
         os.environ["NRGPT_CACHE_DIR"], before = empty, os.environ.get("NRGPT_CACHE_DIR")
-        native._libraries.clear()
+        native._libraries.clear(), native._builds.clear()
         try:
             first, first_s = _generate(ours, prompt, n_new)
+            native.library(torch.float32, wait=True)  # the build, done (the later calls of a new machine)
         finally:
             os.environ.pop("NRGPT_CACHE_DIR") if before is None else os.environ.update(NRGPT_CACHE_DIR=before)
-        out, ours_s = _generate(ours, prompt, n_new)
+        later = [_generate(ours, prompt, n_new) for _ in range(3)]
+    ours_s = sorted(t for _, t in later)[1]  # the median of three (nrgpt's are short)
     expected, ref_s = _generate(ref, prompt, n_new)
-    same = torch.equal(out, expected) and torch.equal(first, expected)
+    same = all(torch.equal(out, expected) for out, _ in later) and torch.equal(first, expected)
     assert same, "greedy tokens differ between nrgpt and the authors' code"
     return {"task": "generate", "new_tokens": n_new, "ours_s": ours_s, "ours_first_s": first_s,
             "reference_s": ref_s, "speedup": ref_s / ours_s, "speedup_first": ref_s / first_s, "identical": same}
@@ -164,7 +167,7 @@ def main() -> None:
             res = generation(models, cls, shape, n_new)
             results.append(res)
             what = f"greedy generation to context {shape['block_size']} ({n_new} new), batch 1"
-            rows.append([f"{what}, first on a machine (builds the C step)", cls, res["ours_first_s"],
+            rows.append([f"{what}, first on a machine (C step building)", cls, res["ours_first_s"],
                          res["reference_s"], res["speedup_first"], res["identical"]])
             rows.append([what, cls, res["ours_s"], res["reference_s"], res["speedup"], res["identical"]])
             targets.append(target(f"greedy generation to context 256, batch 1, default path, {cls} vs the authors' "

@@ -12,6 +12,14 @@ from nrgpt.decoding import KVCache
 
 from .conftest import randomize
 
+
+@pytest.fixture(autouse=True, scope="module")
+def built():
+    """The C step built before these tests (on a new machine its first build runs in the background)."""
+    for dtype in (torch.float32, torch.float64):
+        native.library(dtype, wait=True)
+
+
 SMALL = dict(vocab_size=11, block_size=12, n_embd=16, n_head=2, n_steps=3)
 # every part descent.c knows, each at least once, under both masks and grad modes
 SERVED = [
@@ -114,14 +122,29 @@ def test_what_native_does_not_serve_decodes_eagerly():
     assert cache.packed is not None
 
 
+def test_a_new_machine_decodes_eagerly_while_the_c_step_builds(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_libraries", {})
+    monkeypatch.setattr(native, "_builds", {})
+    monkeypatch.setenv("NRGPT_CACHE_DIR", str(tmp_path))  # an empty cache
+    model = model_for(SERVED[0], torch.float64)
+    idx = torch.randint(0, 11, (1, 7), generator=torch.Generator().manual_seed(7))
+    first, cache = decode_steps(model, idx, 3, True)
+    assert native.library(torch.float64, wait=True) is not None and list(tmp_path.rglob("*.so"))
+    again, later = decode_steps(model, idx, 3, True)
+    assert later.packed is not None  # built: the C step serves the steps now
+    torch.testing.assert_close(first, again, rtol=1e-11, atol=1e-11)
+
+
 def test_without_a_compiler_decoding_warns_once_and_stays_eager(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_compilers", lambda: ["/bin/false"])
     monkeypatch.setattr(native, "_libraries", {})
+    monkeypatch.setattr(native, "_builds", {})
     monkeypatch.setenv("NRGPT_CACHE_DIR", str(tmp_path))
     model = model_for(SERVED[0], torch.float64)
     idx = torch.randint(0, 11, (1, 7), generator=torch.Generator().manual_seed(6))
-    with pytest.warns(UserWarning, match="cannot build the C decoding step"):
-        logits, cache = decode_steps(model, idx, 3, True)
+    with pytest.warns(UserWarning, match="cannot build the C decoding step"):  # once, by this thread
+        logits, cache = decode_steps(model, idx, 3, True)  # starts the build in the background; eager meanwhile
+        assert native.library(torch.float64, wait=True) is None
     assert cache.packed is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")

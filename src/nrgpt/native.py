@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sysconfig
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -52,7 +53,10 @@ _W_COUNT = 11
 # (n_embd 768-128) and slower from 8-16 rows on (docs/performance.md)
 MAX_BATCH = 4
 
-_libraries: dict[torch.dtype, ctypes.CDLL | None] = {}
+_libraries: dict[torch.dtype, ctypes.CDLL | None] = {}  # ready (None: cannot be built)
+_builds: dict[torch.dtype, threading.Thread] = {}
+_failures: dict[torch.dtype, str] = {}  # a failed build's warning, for the next caller to give
+_lock = threading.Lock()
 
 
 def serves(blocks) -> bool:
@@ -80,44 +84,86 @@ def _compilers() -> list[str]:
     return list(dict.fromkeys(path for name in found if name and (path := shutil.which(name))))
 
 
-def _build(real: str) -> Path:
-    """The shared library of descent.c with REAL = ``real``, compiled unless cached; raises on failure."""
-    source = _SOURCE.read_bytes()
-    errors = []
+def _candidates(real: str) -> list[tuple[str, tuple[str, ...], Path]]:
+    """(compiler, flags, cached library) for REAL = ``real``, in the order they are tried."""
+    source, cpu = _SOURCE.read_bytes(), _cpu_id().encode()
+    found = []
     for cc in _compilers():
         for arch in (("-march=native",), ()):
             flags = (*_FLAGS, *arch, f"-DREAL={real}")
-            key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), cc.encode(), _cpu_id().encode()]))
-            out = _cache_dir() / f"descent_{real}_{key.hexdigest()[:16]}.so"
-            if out.exists():
+            key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), cc.encode(), cpu])).hexdigest()
+            found.append((cc, flags, _cache_dir() / f"descent_{real}_{key[:16]}.so"))
+    return found
+
+
+def _build(real: str) -> Path:
+    """The shared library of descent.c with REAL = ``real``, compiled unless cached; raises on failure."""
+    errors = []
+    for cc, flags, out in _candidates(real):
+        if out.exists():
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            built = Path(tmp) / out.name
+            run = subprocess.run([cc, *flags, "-o", str(built), str(_SOURCE), "-lm"], capture_output=True, text=True,
+                                 timeout=300)
+            if run.returncode == 0:
+                os.replace(built, out)  # atomic: concurrent processes may build the same file
                 return out
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-                built = Path(tmp) / out.name
-                run = subprocess.run([cc, *flags, "-o", str(built), str(_SOURCE), "-lm"], capture_output=True,
-                                     text=True, timeout=300)
-                if run.returncode == 0:
-                    os.replace(built, out)  # atomic: concurrent processes may build the same file
-                    return out
-                errors.append(f"{cc} {' '.join(arch)}: {run.stderr.strip().splitlines()[-1:] or run.returncode}")
+            errors.append(f"{cc} {' '.join(flags)}: {run.stderr.strip().splitlines()[-1:] or run.returncode}")
     raise RuntimeError("; ".join(errors) or "no C compiler found (set CC)")
 
 
-def library(dtype: torch.dtype) -> ctypes.CDLL | None:
-    """``descent.c`` built for ``dtype`` (float32 or float64), or None where it cannot be built (warned once)
-    or where this module runs without it (the Hugging Face export bundles the Python files only)."""
-    if dtype not in _libraries:
-        _libraries[dtype] = _load(dtype) if _SOURCE.exists() else None
-    return _libraries[dtype]
+def library(dtype: torch.dtype, wait: bool = False) -> ctypes.CDLL | None:
+    """``descent.c`` for ``dtype`` (float32 or float64) where it is ready, else None.
+
+    A library already in the cache is loaded at once. Otherwise the first call starts its build in a
+    background thread and returns None, so decoding goes on eagerly and switches to the C step as soon as
+    the build is done: a generation never waits for the compiler (``wait=True`` does; a process that ends
+    first waits for it at exit, about a second once per machine). A build that fails
+    is warned about once, in the calling thread, and decoding stays eager. None also where this module
+    runs without its C file (the Hugging Face export bundles the Python files only)."""
+    if dtype in _libraries and dtype not in _failures:  # every token after the first
+        return _libraries[dtype]
+    with _lock:
+        if dtype not in _libraries and dtype not in _builds:
+            cached = next((out for _, _, out in _candidates(_TYPES[dtype]) if out.exists()), None) \
+                if _SOURCE.exists() else None
+            if cached is not None:
+                _libraries[dtype] = _load_or_warn(cached, dtype)
+            elif not _SOURCE.exists():
+                _libraries[dtype] = None
+            else:
+                # not a daemon: a process that ends first waits for the build, so that it lands in the cache
+                _builds[dtype] = threading.Thread(target=_build_and_load, args=(dtype,))
+                _builds[dtype].start()
+    if wait and dtype in _builds:
+        _builds[dtype].join()
+    if dtype in _failures:
+        warnings.warn(_failures.pop(dtype), stacklevel=3)
+    return _libraries.get(dtype)
 
 
-def _load(dtype: torch.dtype) -> ctypes.CDLL | None:
+def _build_and_load(dtype: torch.dtype) -> None:
     try:
-        lib = ctypes.CDLL(str(_build(_TYPES[dtype])))
+        path = _build(_TYPES[dtype])
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        warnings.warn(f"nrgpt.native: cannot build the C decoding step ({e}); decoding eagerly (same tokens, "
-                      "slower)", stacklevel=4)
+        _failures[dtype] = f"nrgpt.native: cannot build the C decoding step ({e}); decoding eagerly (same tokens)"
+        _libraries[dtype] = None
+        return
+    _libraries[dtype] = _load_or_warn(path, dtype)
+
+
+def _load_or_warn(path: Path, dtype: torch.dtype) -> ctypes.CDLL | None:
+    try:
+        return _load(path)
+    except OSError as e:
+        _failures[dtype] = f"nrgpt.native: cannot load {path} ({e}); decoding eagerly (same tokens)"
         return None
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
     lib.nrgpt_descend.restype = ctypes.c_int
     return lib
 
