@@ -12,8 +12,9 @@ ff2w, ff2 and dam energies, ``ff_scale``, and every inference rate (applied as i
 
 The C file is compiled on first use with the system's C compiler (``$CC``, else cc, gcc or clang) for
 this CPU (``-march=native``) into ``$NRGPT_CACHE_DIR`` (default ``~/.cache/nrgpt``), keyed by the
-source, the flags, the compiler and the CPU, which takes about a second once. Where no compiler works
-it warns once and decoding stays eager. ``NRGPT_NATIVE=0`` (or ``nrgpt.native.enabled = False``) turns
+source, the flags, the compiler and the CPU, which takes about a second once. The build runs in a
+background thread while decoding goes on eagerly (``library``): a generation never waits for it. Where
+no compiler works it warns once and decoding stays eager. ``NRGPT_NATIVE=0`` (or ``nrgpt.native.enabled = False``) turns
 it off.
 """
 
