@@ -33,6 +33,7 @@ SCRIPTS = {  # script (and its own arguments) -> result JSON name
     "bench_flops.py": "flops",
     "bench_generate.py": "generation",
     "bench_generate.py --compile": "generation_compiled",
+    "bench_native.py": "native_step",
     "bench_listops.py": "listops_eval",
     "bench_reference.py": "reference",
 }
