@@ -175,8 +175,9 @@ def _pointer(t: torch.Tensor | None) -> int | None:
 
 class _Packed:
     """One model's weights and one cache's key buffers as descent.c takes them, for ``dtype``. The
-    tensors are kept so that the pointers stay valid; weights are read in place, so optimiser steps are
-    seen (the inference rates' matrices are formed here, once per cache)."""
+    tensors are kept so that the pointers stay valid. Most weights are read in place; ff2w's stacked
+    [W1; W2^T] and the inference rates' matrices are formed here, once per cache (a new cache, as every
+    ``generate`` call makes, sees changed weights)."""
 
     def __init__(self, model, cache: KVCache, dtype: torch.dtype, batch: int):
         config, blocks = model.config, model.blocks
@@ -191,14 +192,15 @@ class _Packed:
         pointers: list[int | None] = []
         for block in blocks:
             attn, ff = block.attn, block.ff
-            fc1 = ff.fc1
             fc2 = getattr(ff, "fc2", None)
+            w1, w2, b2 = ff.fc1.weight, *((None, None) if fc2 is None else (fc2.weight, fc2.bias))
+            if type(ff) is FF2W:  # [W1; W2^T], read in one pass (descent.c's ff_units)
+                w1, w2 = torch.cat([w1, w2.T]), None
             rate = block.eta
             eta = None if rate.kind == "identity" else torch.stack([rate.matrix(t) for t in range(rate.n)])
             parts = [block.norm.weight if block.norm.kind != "none" else None, block.norm.bias,
                      getattr(attn, "query", None), None if attn is None else attn.key, getattr(attn, "alpha", None),
-                     fc1.weight, fc1.bias, None if fc2 is None else fc2.weight, None if fc2 is None else fc2.bias,
-                     block.ff_scale, eta]
+                     w1, ff.fc1.bias, w2, b2, block.ff_scale, eta]
             for part in parts:
                 part = None if part is None else part.detach().to(dtype).contiguous()
                 if part is not None:
