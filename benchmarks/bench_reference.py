@@ -25,6 +25,7 @@ import tempfile
 import time
 import types
 from pathlib import Path
+from unittest import mock
 
 import common
 import torch
@@ -110,13 +111,11 @@ def generation(models: types.ModuleType, cls: str, shape: dict, n_new: int) -> d
     prompt = torch.randint(0, shape["vocab_size"], (1, shape["block_size"] - n_new),
                            generator=torch.Generator().manual_seed(1)).to(common.DEVICE)
     with tempfile.TemporaryDirectory() as empty:
-        os.environ["NRGPT_CACHE_DIR"], before = empty, os.environ.get("NRGPT_CACHE_DIR")
-        native._libraries.clear(), native._builds.clear()
-        try:
+        with mock.patch.dict(os.environ, NRGPT_CACHE_DIR=empty):
+            native._libraries.clear()
+            native._builds.clear()
             first, first_s = _generate(ours, prompt, n_new)
             native.library(torch.float32, wait=True)  # the build, done (the later calls of a new machine)
-        finally:
-            os.environ.pop("NRGPT_CACHE_DIR") if before is None else os.environ.update(NRGPT_CACHE_DIR=before)
         later = [_generate(ours, prompt, n_new) for _ in range(3)]
     ours_s = sorted(t for _, t in later)[1]  # the median of three (nrgpt's are short)
     expected, ref_s = _generate(ref, prompt, n_new)

@@ -14,8 +14,8 @@ The C file is compiled on first use with the system's C compiler (``$CC``, else 
 this CPU (``-march=native``) into ``$NRGPT_CACHE_DIR`` (default ``~/.cache/nrgpt``), keyed by the
 source, the flags, the compiler and the CPU, which takes about a second once. The build runs in a
 background thread while decoding goes on eagerly (``library``): a generation never waits for it. Where
-no compiler works it warns once and decoding stays eager. ``NRGPT_NATIVE=0`` (or ``nrgpt.native.enabled = False``) turns
-it off.
+no compiler works it warns once and decoding stays eager. ``NRGPT_NATIVE=0`` (or
+``nrgpt.native.enabled = False``) turns it off.
 """
 
 from __future__ import annotations
@@ -128,12 +128,10 @@ def library(dtype: torch.dtype, wait: bool = False) -> ctypes.CDLL | None:
         return _libraries[dtype]
     with _lock:
         if dtype not in _libraries and dtype not in _builds:
-            cached = next((out for _, _, out in _candidates(_TYPES[dtype]) if out.exists()), None) \
-                if _SOURCE.exists() else None
-            if cached is not None:
-                _libraries[dtype] = _load_or_warn(cached, dtype)
-            elif not _SOURCE.exists():
+            if not _SOURCE.exists():
                 _libraries[dtype] = None
+            elif cached := next((out for _, _, out in _candidates(_TYPES[dtype]) if out.exists()), None):
+                _libraries[dtype] = _load_or_warn(cached, dtype)
             else:
                 # not a daemon: a process that ends first waits for the build, so that it lands in the cache
                 _builds[dtype] = threading.Thread(target=_build_and_load, args=(dtype,))
@@ -169,10 +167,6 @@ def _load(path: Path) -> ctypes.CDLL:
     return lib
 
 
-def _pointer(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 class _Packed:
     """One model's weights and one cache's key buffers as descent.c takes them, for ``dtype``. The
     tensors are kept so that the pointers stay valid. Most weights are read in place; ff2w's stacked
@@ -202,10 +196,10 @@ class _Packed:
                      getattr(attn, "query", None), None if attn is None else attn.key, getattr(attn, "alpha", None),
                      w1, ff.fc1.bias, w2, b2, block.ff_scale, eta]
             for part in parts:
-                part = None if part is None else part.detach().to(dtype).contiguous()
                 if part is not None:
+                    part = part.detach().to(dtype).contiguous()
                     self.tensors.append(part)
-                pointers.append(_pointer(part))
+                pointers.append(None if part is None else part.data_ptr())
         self.weights = (ctypes.c_void_p * len(pointers))(*pointers)
         n_slots = len(blocks) * config.n_steps
         self.keys = None
