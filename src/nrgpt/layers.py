@@ -3,7 +3,8 @@
 - ``Norm``: g = norm(x), eq. 17 (LayerNorm, RMSNorm), the reference code's bias-only LayerNorm, or none.
 - ``InferenceRate``: the matrix eta of the update x <- x - eta dE/dg (eq. 6) in its four forms.
 - ``causal_attention``: softmax attention with the strict (B < A) or inclusive (B <= A) causal mask,
-  on ``scaled_dot_product_attention`` so the fused kernels are used where they exist.
+  on ``scaled_dot_product_attention`` so the fused kernels are used where they exist, except for
+  bfloat16 / float16 on a CPU, where ``explicit_attention`` is 1.5-4x faster.
 - ``SelfAttention``, ``MLP``, ``TransformerBlock``: the baselines' nanoGPT-style layers.
 """
 
@@ -17,11 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .explicit_attention import compute_dtype, explicit_causal_attention
 
 if TYPE_CHECKING:
     from .decoding import KVCache
 
 LN_EPS = 1e-5
+_REDUCED = (torch.bfloat16, torch.float16)
 
 
 class Norm(nn.Module):
@@ -145,6 +148,8 @@ def causal_attention(
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
     if tq != tk:
         raise ValueError("prefill with a non-empty cache is not supported; reset the cache")
+    if q.device.type == "cpu" and compute_dtype(q) in _REDUCED:  # CPU flash attention is slow in these
+        return explicit_causal_attention(q, k, v, strict=strict, scale=scale, dropout=dropout)
     if not strict:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scale)
     # strict: token A+1 attends 0..A, i.e. an inclusive causal attention of queries 1.. on keys ..T-1;
