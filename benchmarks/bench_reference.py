@@ -13,6 +13,9 @@ checked equal, and then, side by side in one process (interleaved rounds, median
   nrgpt's first, as on a new machine, builds its C decoding step (``nrgpt.native``, about a second once
   per machine) in the background and decodes eagerly until it is ready; the target is on the calls after it.
 
+``--dtype bfloat16`` times the training steps of both codes under the same bf16 autocast instead (no
+generation; not the targets' default path, which is float32 on a CPU).
+
 Without a checkout the script says so and exits 0 (no results, no targets). ``--device cuda`` runs both
 codes on the GPU (the authors' optimizer fused there, as theirs is; timings synchronise the device).
 """
@@ -132,6 +135,8 @@ def main() -> None:
     p.add_argument("--presets", nargs="+", default=["NRGPT_H_FF2W", "NRGPT_H_FF1"])
     p.add_argument("--batch", type=int, default=None, help=f"training batch (default {PAPER_BATCH})")
     p.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 240: prompt 16 -> 256)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="bfloat16: both codes' training steps under bf16 autocast (not the targets' default path)")
     args = p.parse_args()
     if args.reference_dir is None:
         print("bench_reference.py: skipped: no checkout of the authors' code (github.com/bhoov/nrgpt); "
@@ -153,14 +158,17 @@ def main() -> None:
         loss_ref, loss_ours = ref(x, y)[1].item(), ours(x, y)[1].item()
         assert abs(loss_ref - loss_ours) < 1e-4, f"{cls}: losses differ ({loss_ref} vs {loss_ours})"
         # each with its own code's optimizer: nrgpt's fused AdamW, the authors' fused on a GPU only (nanoGPT)
-        steps = {"ours": train_step(ours, x, y), "reference": train_step(ref, x, y, fused=x.is_cuda)}
+        amp = torch.bfloat16 if args.dtype == "bfloat16" else None
+        steps = {"ours": train_step(ours, x, y, amp=amp),
+                 "reference": train_step(ref, x, y, fused=x.is_cuda, amp=amp)}
         times = interleave(steps, reps=reps, warmup=2)
         t_ours, t_ref = stats(times["ours"]), stats(times["reference"])
         speedup = t_ref["median"] / t_ours["median"]
-        results.append({"task": "train", "preset": cls, "batch": bsz, "ours_s": t_ours, "reference_s": t_ref,
-                        "speedup": speedup, "loss_ours": loss_ours, "loss_reference": loss_ref})
-        rows.append([f"training step, batch {bsz}", cls, t_ours["median"], t_ref["median"], speedup, "yes"])
-        if cls == "NRGPT_H_FF2W":
+        results.append({"task": "train", "preset": cls, "batch": bsz, "dtype": args.dtype, "ours_s": t_ours,
+                        "reference_s": t_ref, "speedup": speedup, "loss_ours": loss_ours, "loss_reference": loss_ref})
+        rows.append([f"training step, batch {bsz}, {args.dtype}", cls, t_ours["median"], t_ref["median"], speedup,
+                     "yes"])
+        if cls == "NRGPT_H_FF2W" and args.dtype == "float32":
             targets.append(target(f"training step, default path, {cls} vs the authors' code (speed-up)",
                                   speedup, ">=", TRAIN_TARGET, f"batch {bsz}, block 256, n_embd 128"))
             res = generation(models, cls, shape, n_new)

@@ -214,3 +214,15 @@ def test_compiled_and_autocast_runs_track_the_plain_run(data_dir, tmp_path, over
     tol = 1e-4 if overrides[0].startswith("system.compile") else 0.05
     assert len(a) == len(b) == 20 and max(abs(x - y) for x, y in zip(a, b)) < tol
     assert abs(plain["best_val_loss"] - other["best_val_loss"]) < tol
+
+
+@pytest.mark.parametrize("native, dtype, hinted", [(True, "auto", True), (False, "auto", False),
+                                                   (True, "float32", False)])
+def test_a_cpu_with_hardware_bfloat16_gets_a_one_line_hint(data_dir, tmp_path, monkeypatch, capsys,
+                                                           native, dtype, hinted):
+    """dtype 'auto' stays float32 on a CPU; where the CPU multiplies bfloat16 in hardware the run says that
+    --dtype bfloat16 is faster, once, and says nothing when the user chose a dtype."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    train(tiny_config(data_dir, tmp_path / "run", "train.max_iters=1", f"system.dtype={dtype}"))
+    assert capsys.readouterr().out.count("--dtype bfloat16") == int(hinted)
