@@ -18,6 +18,7 @@ shows whether two checkouts run the same kernels. `--against <old checkout>/src`
 package as `nrgpt_old` beside this one and interleaves their training steps in one process (30 rounds,
 alternating which goes first), so that both see the same machine: it prints each one's min and median and
 the median of the per-round speed-ups, for the training steps and for greedy generation of 240 tokens.
+With `--bf16` as well, the training steps run under bf16 autocast (and generation is left out).
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ def best_of(reps: int, fn) -> float:
     return min(times)
 
 
-def training_step(preset: str, batch: int, block: int, n_embd: int, package=None):
+def training_step(preset: str, batch: int, block: int, n_embd: int, package=None, amp: torch.dtype | None = None):
     """A model of `preset` (built by `package`, default this checkout's nrgpt) and a function that runs one
-    forward + backward + AdamW step on fixed tokens."""
+    forward + backward + AdamW step on fixed tokens (the forward under `amp` autocast if given)."""
     x = torch.randint(0, 65, (batch, block + 1), generator=torch.Generator().manual_seed(0))
     config_cls, build = (ModelConfig, build_model) if package is None else (package.ModelConfig, package.build_model)
     cfg = config_cls.preset(preset, vocab_size=65, block_size=block, n_embd=n_embd, n_head=1, n_steps=8)
@@ -54,7 +55,9 @@ def training_step(preset: str, batch: int, block: int, n_embd: int, package=None
 
     def step() -> None:
         opt.zero_grad()
-        model(x[:, :-1], x[:, 1:])[1].backward()
+        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+            loss = model(x[:, :-1], x[:, 1:])[1]
+        loss.backward()
         opt.step()
 
     return model, x, step
@@ -105,16 +108,17 @@ def report(what: str, times: dict[str, list[float]]) -> None:
           f"new vs old {speedup:.3f}x (median of {len(times['old'])} rounds)")
 
 
-def interleaved(src: str, rounds: int = 30, generation_rounds: int = 10) -> None:
+def interleaved(src: str, amp: torch.dtype | None, rounds: int = 30, generation_rounds: int = 10) -> None:
     torch.set_num_threads(2)
     old = import_old(src)
     for preset in ("NRGPT_H_FF2W", "NRGPT_H_FF1", "GPT_Rec_parallel"):
-        built = {"old": training_step(preset, 16, 256, 128, old), "new": training_step(preset, 16, 256, 128)}
+        built = {"old": training_step(preset, 16, 256, 128, old, amp),
+                 "new": training_step(preset, 16, 256, 128, amp=amp)}
         steps = {name: step for name, (_, _, step) in built.items()}
         for step in steps.values():
             best_of(3, step)  # warm-up
-        report(f"train {preset}", alternate(steps, rounds))
-        if preset == "NRGPT_H_FF2W":
+        report(f"train {preset}" + (" (bf16 autocast)" if amp else ""), alternate(steps, rounds))
+        if preset == "NRGPT_H_FF2W" and amp is None:
             decode = {}
             for name, (model, x, _) in built.items():
                 model.eval()
@@ -144,6 +148,6 @@ if __name__ == "__main__":
     if "--ops" in sys.argv[1:]:
         op_counts()
     elif "--against" in sys.argv[1:]:
-        interleaved(sys.argv[sys.argv.index("--against") + 1])
+        interleaved(sys.argv[sys.argv.index("--against") + 1], torch.bfloat16 if "--bf16" in sys.argv[1:] else None)
     else:
         timings()
