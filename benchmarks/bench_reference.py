@@ -6,15 +6,18 @@ Its weights are converted with ``nrgpt.load_reference_checkpoint``, the two mode
 checked equal, and then, side by side in one process (interleaved rounds, medians):
 
 * training step (forward + backward + AdamW) at the paper's Shakespeare shape (n_embd 128, 1 head,
-  8 steps, block 256, batch 16), nrgpt's default path against the authors' code;
+  8 steps, block 256, batch 16), nrgpt's default path against the authors' code. nrgpt's default dtype
+  is 'auto', as ``nrgpt train`` resolves it on this machine: bfloat16 autocast on a CPU that multiplies
+  bfloat16 in hardware (or a GPU), float32 elsewhere. The authors' training script autocasts on a GPU only.
+  So the target row compares the two default paths; where they differ in precision, both codes are also
+  timed in float32 and both under bfloat16 autocast, in the same interleaved rounds;
 * greedy generation from a 16-token prompt to context 256, batch 1: ``model.generate`` (default
   path, whatever it compiles counted in its time) against the authors' ``generate(greedy=True)``
   (full recomputation), tokens asserted identical (weights perturbed so that the argmax is decisive);
   nrgpt's first, as on a new machine, builds its C decoding step (``nrgpt.native``, about a second once
   per machine) in the background and decodes eagerly until it is ready; the target is on the calls after it.
 
-``--dtype bfloat16`` times the training steps of both codes under the same bf16 autocast instead (no
-generation; not the targets' default path, which is float32 on a CPU).
+``--dtype float32`` or ``bfloat16`` sets nrgpt's training dtype instead of 'auto'.
 
 Without a checkout the script says so and exits 0 (no results, no targets). ``--device cuda`` runs both
 codes on the GPU (the authors' optimizer fused there, as theirs is; timings synchronise the device).
@@ -36,6 +39,7 @@ from common import (
     PAPER_BATCH,
     PAPER_SHAPE,
     batch,
+    clone,
     finish,
     interleave,
     parser,
@@ -48,6 +52,7 @@ from common import (
 )
 
 from nrgpt import load_reference_checkpoint, native
+from nrgpt.device import autocast_dtype
 
 TRAIN_TARGET = 1.6  # nrgpt's default training step at least this much faster (NRGPT_H_FF2W)
 GENERATE_TARGET = 30.0  # greedy generation to context 256, batch 1
@@ -135,8 +140,8 @@ def main() -> None:
     p.add_argument("--presets", nargs="+", default=["NRGPT_H_FF2W", "NRGPT_H_FF1"])
     p.add_argument("--batch", type=int, default=None, help=f"training batch (default {PAPER_BATCH})")
     p.add_argument("--new-tokens", type=int, default=None, help="generated tokens (default 240: prompt 16 -> 256)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="bfloat16: both codes' training steps under bf16 autocast (not the targets' default path)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="nrgpt's training dtype (default auto, as `nrgpt train` resolves it on this machine)")
     args = p.parse_args()
     if args.reference_dir is None:
         print("bench_reference.py: skipped: no checkout of the authors' code (github.com/bhoov/nrgpt); "
@@ -158,19 +163,28 @@ def main() -> None:
         loss_ref, loss_ours = ref(x, y)[1].item(), ours(x, y)[1].item()
         assert abs(loss_ref - loss_ours) < 1e-4, f"{cls}: losses differ ({loss_ref} vs {loss_ours})"
         # each with its own code's optimizer: nrgpt's fused AdamW, the authors' fused on a GPU only (nanoGPT)
-        amp = torch.bfloat16 if args.dtype == "bfloat16" else None
-        steps = {"ours": train_step(ours, x, y, amp=amp),
-                 "reference": train_step(ref, x, y, fused=x.is_cuda, amp=amp)}
+        ours_amp = autocast_dtype(args.dtype, common.DEVICE)
+        ref_amp = ours_amp if x.is_cuda else None  # the authors' train_nanogpt.py: autocast on a GPU only
+        precisions = [ours_amp] + ([ref_amp] if ref_amp != ours_amp else [])
+        steps = {(code, amp): train_step(clone(model), x, y, amp=amp, fused=None if code == "ours" else x.is_cuda)
+                 for code, model in (("ours", ours), ("reference", ref)) for amp in precisions}
         times = interleave(steps, reps=reps, warmup=2)
-        t_ours, t_ref = stats(times["ours"]), stats(times["reference"])
-        speedup = t_ref["median"] / t_ours["median"]
-        results.append({"task": "train", "preset": cls, "batch": bsz, "dtype": args.dtype, "ours_s": t_ours,
-                        "reference_s": t_ref, "speedup": speedup, "loss_ours": loss_ours, "loss_reference": loss_ref})
-        rows.append([f"training step, batch {bsz}, {args.dtype}", cls, t_ours["median"], t_ref["median"], speedup,
-                     "yes"])
-        if cls == "NRGPT_H_FF2W" and args.dtype == "float32":
+        name = {None: "float32", torch.bfloat16: "bfloat16 autocast"}
+        compared = [(f"default paths (nrgpt {name[ours_amp]}, authors' {name[ref_amp]})", ours_amp, ref_amp)]
+        if len(precisions) > 1:
+            compared += [(f"both {name[amp]}", amp, amp) for amp in precisions]
+        for what, amp_ours, amp_ref in compared:
+            t_ours, t_ref = stats(times["ours", amp_ours]), stats(times["reference", amp_ref])
+            results.append({"task": "train", "preset": cls, "batch": bsz, "what": what, "ours_s": t_ours,
+                            "reference_s": t_ref, "speedup": t_ref["median"] / t_ours["median"],
+                            "loss_ours": loss_ours, "loss_reference": loss_ref})
+            rows.append([f"training step, batch {bsz}, {what}", cls, t_ours["median"], t_ref["median"],
+                         results[-1]["speedup"], "yes"])
+        speedup = results[-len(compared)]["speedup"]  # the default paths'
+        if cls == "NRGPT_H_FF2W":
             targets.append(target(f"training step, default path, {cls} vs the authors' code (speed-up)",
-                                  speedup, ">=", TRAIN_TARGET, f"batch {bsz}, block 256, n_embd 128"))
+                                  speedup, ">=", TRAIN_TARGET, f"batch {bsz}, block 256, n_embd 128; nrgpt "
+                                  f"{name[ours_amp]}, the authors' code {name[ref_amp]}"))
             res = generation(models, cls, shape, n_new)
             results.append(res)
             what = f"greedy generation to context {shape['block_size']} ({n_new} new), batch 1"

@@ -21,11 +21,13 @@ SHARED = Path(os.environ.get("NRGPT_SHARED_DIR", REPO.parent / "shared"))
 FIXTURES = SHARED / "fixtures" / "reference-checkpoints"
 WORDS = "the king and queen of a fair town shall speak to thee my lord good night sweet prince".split()
 
-# A model and run small enough to train in about a second.
+# A model and run small enough to train in about a second. float32, not 'auto': the results must not depend
+# on whether the host multiplies bfloat16 in hardware ('auto' has its own test in test_train.py).
 TINY = [
     "model.preset=NRGPT_H_FF2W", "model.n_embd=16", "model.n_head=1", "model.n_steps=2", "model.block_size=16",
     "train.batch_size=8", "train.max_iters=40", "train.warmup_iters=5", "train.lr=1e-2", "train.min_lr=1e-3",
     "train.eval_interval=10", "train.eval_iters=4", "log.interval=1", "log.progress=false", "system.device=cpu",
+    "system.dtype=float32",
 ]
 
 

@@ -19,7 +19,7 @@ from nrgpt.config import ConfigError
 from nrgpt.data import prepare_listops
 from nrgpt.evaluate import listops_accuracy
 from nrgpt.runconfig import RunConfig, TrainConfig, resolve_config
-from nrgpt.train import DivergenceError, lr_at, make_optimizer, train
+from nrgpt.train import DivergenceError, Trainer, lr_at, make_optimizer, train
 
 from .conftest import REPO, records, run_nrgpt, tiny_args, tiny_config
 
@@ -216,13 +216,15 @@ def test_compiled_and_autocast_runs_track_the_plain_run(data_dir, tmp_path, over
     assert abs(plain["best_val_loss"] - other["best_val_loss"]) < tol
 
 
-@pytest.mark.parametrize("native, dtype, hinted", [(True, "auto", True), (False, "auto", False),
-                                                   (True, "float32", False)])
-def test_a_cpu_with_hardware_bfloat16_gets_a_one_line_hint(data_dir, tmp_path, monkeypatch, capsys,
-                                                           native, dtype, hinted):
-    """dtype 'auto' stays float32 on a CPU; where the CPU multiplies bfloat16 in hardware the run says that
-    --dtype bfloat16 is faster, once, and says nothing when the user chose a dtype."""
+@pytest.mark.parametrize("native, dtype, amp", [(True, "auto", torch.bfloat16), (False, "auto", None),
+                                                (True, "float32", None), (False, "bfloat16", torch.bfloat16)])
+def test_auto_dtype_is_bfloat16_on_a_cpu_that_multiplies_it_in_hardware(data_dir, tmp_path, monkeypatch, capsys,
+                                                                         native, dtype, amp):
+    """dtype 'auto' trains under bfloat16 autocast on a CPU with AVX512-BF16 or AMX and says so once, in
+    float32 elsewhere; a dtype the user chose is kept either way."""
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    train(tiny_config(data_dir, tmp_path / "run", "train.max_iters=1", f"system.dtype={dtype}"))
-    assert capsys.readouterr().out.count("--dtype bfloat16") == int(hinted)
+    trainer = Trainer(tiny_config(data_dir, tmp_path / "run", "train.max_iters=1", f"system.dtype={dtype}"))
+    assert trainer.amp_dtype == amp
+    trainer.run()
+    assert capsys.readouterr().out.count("bfloat16 autocast") == int(native and dtype == "auto")

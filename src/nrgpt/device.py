@@ -26,16 +26,20 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``system.dtype`` (None: plain float32); 'auto' is bfloat16 on a GPU that has it."""
+    """The autocast dtype of ``system.dtype`` (None: plain float32). 'auto' is bfloat16 where the hardware
+    multiplies it: a GPU that supports it, or a CPU with AVX512-BF16 or AMX (``native_bf16_cpu``)."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if device.type == "cpu" and native_bf16_cpu() else None
     return torch.bfloat16 if name == "bfloat16" else None
 
 
 def native_bf16_cpu() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX tiles). There bfloat16 autocast
-    trains NRGPT 1.4x (the quickstart) to 2.5x (n_embd 512) faster than float32 (docs/performance.md);
-    elsewhere it is emulated and slower. torch's own probes, private: False where they are absent."""
+    trains NRGPT 1.3-1.4x (the quickstart) to 2.5x (n_embd 512) faster than float32, and about as fast at
+    n_embd 32-64 (docs/performance.md); elsewhere it is emulated and slower. torch's own probes, private:
+    False where they are absent."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 

@@ -191,9 +191,10 @@ class TrainConfig:
 
 @dataclass
 class SystemConfig:
-    """device: 'auto' (cuda, then mps, then cpu) or one of them; dtype: 'auto' (bfloat16 autocast on a
-    GPU that supports it, else float32), 'float32' or 'bfloat16'; compile: torch.compile the unit applied
-    at each step (``model.compile_steps``); threads: CPU threads for torch (0: torch's default)."""
+    """device: 'auto' (cuda, then mps, then cpu) or one of them; dtype: 'auto' (bfloat16 autocast where
+    the hardware multiplies bfloat16: a GPU that supports it, a CPU with AVX512-BF16 or AMX; else float32),
+    'float32' or 'bfloat16'; compile: torch.compile the unit applied at each step (``model.compile_steps``);
+    threads: CPU threads for torch (0: torch's default)."""
 
     device: str = "auto"
     dtype: str = "auto"

@@ -48,7 +48,7 @@ from tqdm import tqdm
 from . import checkpoint, distributed
 from .config import ModelConfig
 from .data import TokenStream, load_meta
-from .device import autocast_dtype, check_threads, keep_freed_memory, native_bf16_cpu, pick_device
+from .device import autocast_dtype, check_threads, keep_freed_memory, pick_device
 from .errors import CheckpointError, ConfigError, DivergenceError, first_line
 from .evaluate import load_listops_samples, score_listops
 from .model import LanguageModel, build_model
@@ -483,9 +483,9 @@ class Trainer:
             self._print(f"{self.raw_model.config.model} model, {self.raw_model.num_params():,} parameters, "
                         f"{self.tokens_per_step:,} tokens per step, on {self.device}"
                         + (f" x {self.dist.world_size} processes" if self.dist.enabled else ""))
-            if self.device.type == "cpu" and self.config.system.dtype == "auto" and native_bf16_cpu():
-                self._print("hint: this CPU multiplies bfloat16 in hardware; --dtype bfloat16 (autocast, as on a "
-                            "GPU) trains up to 2x faster at n_embd >= 128, at bfloat16 precision")
+            if self.device.type == "cpu" and self.amp_dtype is not None and self.config.system.dtype == "auto":
+                self._print("training under bfloat16 autocast: this CPU multiplies bfloat16 in hardware "
+                            "(--dtype float32 for float32 products)")
         self.bar = tqdm(total=tc.max_iters, initial=self.start_iter, unit="it", dynamic_ncols=True, mininterval=0.5,
                         disable=self.quiet or not self.config.log.progress)
         it, reason = self.start_iter, None
