@@ -35,6 +35,7 @@ SCRIPTS = {  # script (and its own arguments) -> result JSON name
     "bench_generate.py --compile": "generation_compiled",
     "bench_native.py": "native_step",
     "bench_attention.py": "attention",
+    "bench_precision.py": "precision",
     "bench_listops.py": "listops_eval",
     "bench_reference.py": "reference",
 }
