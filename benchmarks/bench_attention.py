@@ -12,7 +12,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from common import finish, interleave, parser, setup, stats, table
+from common import finish, interleave, reps_of, start, stats, table
 
 from nrgpt.explicit_attention import explicit_causal_attention
 
@@ -39,10 +39,8 @@ def step(fn, q: torch.Tensor, k: torch.Tensor, up: torch.Tensor) -> None:
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
-    args = p.parse_args()
-    setup(args)
-    reps = args.reps or (3 if args.quick else 7)
+    args = start(__doc__)
+    reps = reps_of(args, 7)
     shapes = SHAPES[:2] if args.quick else SHAPES
     rows, results = [], []
     for b, h, t, d, what in shapes:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from common import build, finish, interleave, parser, setup, stats, table
+from common import build, finish, interleave, parser, reps_of, setup, stats, table
 
 from nrgpt import native
 from nrgpt.decoding import KVCache
@@ -41,7 +41,7 @@ def main() -> None:
     args = p.parse_args()
     setup(args)
     widths = args.n_embd or ([128, 256] if args.quick else [128, 256, 512, 768])
-    reps = args.reps or (3 if args.quick else 5)
+    reps = reps_of(args, 5)
     if native.library(torch.float32, wait=True) is None:
         print("bench_native.py: skipped: the C step cannot be built here (see the warning above)")
         return

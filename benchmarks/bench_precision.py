@@ -10,7 +10,7 @@ bfloat16 is emulated it shows the slowdown that keeps 'auto' at float32 there).
 from __future__ import annotations
 
 import torch
-from common import batch, build, clone, finish, interleave, parser, setup, stats, table, train_step
+from common import batch, build, clone, finish, interleave, reps_of, start, stats, table, train_step
 
 from nrgpt.device import native_bf16_cpu
 
@@ -28,10 +28,8 @@ SHAPES = [  # (preset, n_embd, n_head, n_steps, block, batch): where each comes 
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
-    args = p.parse_args()
-    setup(args)
-    reps = args.reps or (3 if args.quick else 5)
+    args = start(__doc__)
+    reps = reps_of(args, 5)
     shapes = SHAPES[:4] if args.quick else SHAPES
     rows, results = [], []
     for preset, n_embd, n_head, n_steps, block, bsz, what in shapes:

@@ -43,6 +43,7 @@ from common import (
     finish,
     interleave,
     parser,
+    reps_of,
     setup,
     stats,
     sync,
@@ -150,7 +151,7 @@ def main() -> None:
     setup(args)
     models = import_reference(args.reference_dir.resolve())
     bsz = args.batch or (8 if args.quick else PAPER_BATCH)
-    reps = args.reps or (3 if args.quick else 5)
+    reps = reps_of(args, 5)
     n_new = args.new_tokens or (112 if args.quick else 240)
     shape = dict(PAPER_SHAPE)
 

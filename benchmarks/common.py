@@ -79,6 +79,19 @@ def setup(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
 
 
+def start(doc: str) -> argparse.Namespace:
+    """The shared options of a script without options of its own (described by its docstring's first
+    line), parsed and set up."""
+    args = parser(doc.splitlines()[0]).parse_args()
+    setup(args)
+    return args
+
+
+def reps_of(args: argparse.Namespace, default: int) -> int:
+    """Timed repetitions: --reps, else 3 with --quick, else the script's default."""
+    return args.reps or (3 if args.quick else default)
+
+
 def command_line() -> str:
     """The command that ran this script, relative to the repository root."""
     script = Path(sys.argv[0]).resolve()

@@ -37,7 +37,7 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
 
 def native_bf16_cpu() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX tiles). There bfloat16 autocast
-    trains NRGPT 1.2-1.4x (the quickstart) to 2.4x (n_embd 512) faster than float32, and about as fast at
+    trains NRGPT 1.2-1.4x (the quickstart) to 2.4x (n_embd 512) faster than float32, and 0.9-1.0x as fast at
     n_embd 32-64 (docs/performance.md); elsewhere it is emulated and slower. torch's own probes, private:
     False where they are absent."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
