@@ -225,6 +225,28 @@ def test_auto_dtype_is_bfloat16_on_a_cpu_that_multiplies_it_in_hardware(data_dir
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     trainer = Trainer(tiny_config(data_dir, tmp_path / "run", "train.max_iters=1", f"system.dtype={dtype}"))
-    assert trainer.amp_dtype == amp
-    trainer.run()
+    try:
+        assert trainer.amp_dtype == amp
+        trainer.run()
+    finally:
+        trainer.close()
     assert capsys.readouterr().out.count("bfloat16 autocast") == int(native and dtype == "auto")
+    assert RunConfig.load(tmp_path / "run" / "config.json").system.dtype == ("bfloat16" if amp else "float32")
+
+
+def test_a_resumed_run_keeps_the_precision_that_auto_chose(data_dir, tmp_path, monkeypatch):
+    """config.json records the dtype 'auto' resolved to, so a run started on a CPU that multiplies bfloat16
+    in hardware resumes in bfloat16 on one that does not (and the other way round)."""
+    for native, chosen in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        run = tmp_path / f"run-{native}"
+        train(tiny_config(data_dir, run, "train.max_iters=4", "system.dtype=auto"), quiet=True)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: not native)
+        trainer = Trainer(RunConfig.load(run / "config.json").with_overrides(["train.max_iters=8"]), resume=True,
+                          quiet=True)
+        try:
+            assert trainer.amp_dtype == chosen
+            assert trainer.run()["iters"] == 8
+        finally:
+            trainer.close()

@@ -190,6 +190,7 @@ class Trainer:
         model_config, _ = check_run(config)
         self.device = pick_device(config.system.device, self.dist.local_rank)
         self.amp_dtype = autocast_dtype(config.system.dtype, self.device)
+        self.chose_cpu_bf16 = config.system.dtype == "auto" and self.device.type == "cpu" and self.amp_dtype is not None
         _require_optional(config)
         check_threads(config.system.threads)
         self.run_dir = Path(config.out_dir)
@@ -213,8 +214,10 @@ class Trainer:
         config, tc = self.config, self.config.train
         resume_from = self._prepare_run_dir(resume, overwrite)
         self.dataset = checkpoint.dataset_record(config.data.dir)
-        # The config as run: the model section fully resolved (vocab_size from the data included).
-        self.config = config = dataclasses.replace(config, model=model_config)
+        # The config as run: the model section fully resolved (vocab_size from the data included), and the dtype
+        # that 'auto' chose on this machine, so that a resume elsewhere trains in the same precision.
+        system = dataclasses.replace(config.system, dtype="bfloat16" if self.amp_dtype else "float32")
+        self.config = config = dataclasses.replace(config, model=model_config, system=system)
 
         distributed.setup(self.dist, self.device)
         if config.system.threads:
@@ -483,7 +486,7 @@ class Trainer:
             self._print(f"{self.raw_model.config.model} model, {self.raw_model.num_params():,} parameters, "
                         f"{self.tokens_per_step:,} tokens per step, on {self.device}"
                         + (f" x {self.dist.world_size} processes" if self.dist.enabled else ""))
-            if self.device.type == "cpu" and self.amp_dtype is not None and self.config.system.dtype == "auto":
+            if self.chose_cpu_bf16:
                 self._print("training under bfloat16 autocast: this CPU multiplies bfloat16 in hardware "
                             "(--dtype float32 for float32 products)")
         self.bar = tqdm(total=tc.max_iters, initial=self.start_iter, unit="it", dynamic_ncols=True, mininterval=0.5,
