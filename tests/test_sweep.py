@@ -25,7 +25,8 @@ from nrgpt.sweep import (
 from nrgpt.tables import RESULT, best_per_model, write_tables
 from nrgpt.train import train
 
-# A tiny base config: every run trains in about a second on a CPU.
+# A tiny base config: every run trains in about a second on a CPU, in float32 whatever the host (see
+# test_a_sweep_trains_every_run_in_the_precision_that_auto_chose_first for 'auto').
 TINY_BASE = """
 [base]
 data.dir = "{data}"
@@ -36,6 +37,7 @@ train.eval_interval = 4
 train.eval_iters = 1
 train.warmup_iters = 1
 system.device = "cpu"
+system.dtype = "float32"
 system.threads = 1
 log.progress = false
 """
@@ -197,6 +199,32 @@ def test_a_sweep_dir_written_before_a_setting_existed_still_resumes(tmp_path, li
     changed = load_sweep(write_sweep(tmp_path, GRID, data=listops_dir, base=base), out_dir=tmp_path / "sw")
     with pytest.raises(SweepError, match=r"different base \(base.train.eval_accuracy_samples: 0 there, 3 now\)"):
         run_sweep(changed, shard=(0, 100), train_fn=fake_train, log=lambda _: None)
+
+
+def test_a_sweep_trains_every_run_in_the_precision_that_auto_chose_first(tmp_path, listops_dir, monkeypatch):
+    """With system.dtype 'auto' the sweep resolves the dtype once and records it in sweep.toml: a shard or a
+    resume on a machine where 'auto' means another dtype trains in the recorded one, so the runs stay
+    comparable. A sweep.toml that records 'auto' (an older nrgpt) keeps it."""
+    def host(native: bool) -> None:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+
+    path = write_sweep(tmp_path, GRID, data=listops_dir, base=TINY_BASE.replace('system.dtype = "float32"\n', ""))
+    host(True)
+    first = load_sweep(path, out_dir=tmp_path / "sw")
+    assert {p.config.system.dtype for p in first.points} == {"bfloat16"}
+    run_sweep(first, shard=(0, 100), train_fn=fake_train, log=lambda _: None)
+    spec = tmp_path / "sw" / "sweep.toml"
+    assert tomllib.loads(spec.read_text())["base"]["system"]["dtype"] == "bfloat16"
+    host(False)
+    later = load_sweep(path, out_dir=tmp_path / "sw")
+    assert {p.config.system.dtype for p in later.points} == {"bfloat16"}
+    run_sweep(later, shard=(1, 100), train_fn=fake_train, log=lambda _: None)
+    assert {p.config.system.dtype for p in load_sweep(path, out_dir=tmp_path / "new").points} == {"float32"}
+    spec.write_text(spec.read_text().replace('dtype = "bfloat16"', 'dtype = "auto"'))  # as an older nrgpt wrote it
+    legacy = load_sweep(path, out_dir=tmp_path / "sw")
+    assert {p.config.system.dtype for p in legacy.points} == {"auto"}
+    run_sweep(legacy, shard=(2, 100), train_fn=fake_train, log=lambda _: None)
 
 
 # ------------------------------------------------------------------------------------------ results table

@@ -46,7 +46,8 @@ NRGPT models only, give it in the tables of one axis, beside their presets:
 
 Sweep directory
 ---------------
-``sweep.toml`` (the sweep as resolved: the base as a full run config), ``results.csv`` and
+``sweep.toml`` (the sweep as resolved: the base as a full run config, with ``system.dtype = 'auto'``
+resolved once, so that every run and shard trains in one precision), ``results.csv`` and
 ``results.md`` (one row per finished run, plus the best run of each model), and ``runs/<slug>/``: one
 run directory per grid point, named by a readable slug of its grid values
 (``NRGPT_H_FF1-n_embd16-lr0.001-min_lr0.0001``). A run is finished when its directory holds
@@ -75,6 +76,7 @@ from typing import Any
 
 from .config import ConfigError, ModelConfig
 from .data import load_meta
+from .device import autocast_dtype, pick_device
 from .errors import read_parsed
 from .runconfig import RunConfig, defaults, layer, load_preset, merge
 from .rundir import write_text_atomic
@@ -329,12 +331,33 @@ def load_sweep(path: str | Path, out_dir: str | Path | None = None) -> Sweep:
     grid = _table(f"{path}: [grid]", raw.get("grid", {}))
     axes = _axes(grid, str(path))
     base = _resolve_base(path, _table(f"{path}: [base]", raw.get("base", {})))
+    _pin_dtype(base, Path(where))
     sweep = Sweep(name=name, out_dir=Path(where), base=base, grid=grid, budget=budget, eval=evals, axes=axes)
     clash = sorted(set(budget.overrides()) & {k for axis in axes for k in axis.values[0]})
     if clash:
         raise SweepError(f"{path}: {clash[0]} is both in [grid] and set by [budget]; keep one")
     sweep.points = _points(sweep, str(path))
     return sweep
+
+
+def _pin_dtype(base: dict[str, Any], out_dir: Path) -> None:
+    """Resolve the base's ``system.dtype = 'auto'`` once for the whole sweep, so that all its runs, on any
+    machine and in any shard, train in one precision: the dtype the sweep directory's ``sweep.toml`` records,
+    else the one 'auto' chooses here. A ``sweep.toml`` that records 'auto' (written before sweeps pinned the
+    dtype) keeps it: each of its runs resolves 'auto' where it trains, as it always did."""
+    system = base["system"]
+    if system["dtype"] != "auto":
+        return
+    spec = out_dir / SPEC
+    if spec.is_file():
+        recorded = read_parsed(spec, tomllib.loads, SweepError, kind="TOML")
+        system["dtype"] = recorded.get("base", {}).get("system", {}).get("dtype", "auto")
+        return
+    try:
+        device = pick_device(system["device"])
+    except ConfigError:
+        return  # training says what is wrong with the device
+    system["dtype"] = "bfloat16" if autocast_dtype("auto", device) else "float32"
 
 
 def _resolve_base(path: Path, table: dict[str, Any]) -> dict[str, Any]:
