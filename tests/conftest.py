@@ -71,10 +71,15 @@ def train_one_and_two_processes(common: list[str], tmp_path: Path) -> tuple[list
     checks that the two-process losses equal the one-process losses (to 1e-5)."""
     single = run_nrgpt("train", *common, "--batch-size", "8", "--out-dir", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
-    ddp = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nrgpt",
-         "train", *common, "--batch-size", "4", "--out-dir", str(tmp_path / "two")],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nrgpt",
+               "train", *common, "--batch-size", "4", "--out-dir", str(tmp_path / "two")]
+    for attempt in range(2):
+        ddp = subprocess.run(command + ["--overwrite"] * attempt, capture_output=True, text=True, cwd=REPO,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        # Known and unexplained: about once in 20 full suites a gloo rank aborts in its first iterations
+        # ("terminate called without an active exception", SIGABRT); it never repeated at once. Once more then.
+        if ddp.returncode == 0 or "terminate called without an active exception" not in ddp.stderr:
+            break
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one, two = records(tmp_path / "one"), records(tmp_path / "two")
     for a, b in zip(one, two):
