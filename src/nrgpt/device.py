@@ -35,6 +35,12 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if name == "bfloat16" else None
 
 
+def resolved_dtype(name: str, device: torch.device) -> str:
+    """``system.dtype`` as it trains on ``device``: 'auto' resolved to 'bfloat16' or 'float32' (what a run's
+    config.json and a sweep's sweep.toml record, so that a resume or shard elsewhere keeps the precision)."""
+    return "bfloat16" if autocast_dtype(name, device) else "float32"
+
+
 def native_bf16_cpu() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX tiles). There bfloat16 autocast
     trains NRGPT 1.2-1.4x (the quickstart) to 2.4x (n_embd 512) faster than float32, and 0.9-1.0x as fast at

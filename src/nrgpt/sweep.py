@@ -76,7 +76,7 @@ from typing import Any
 
 from .config import ConfigError, ModelConfig
 from .data import load_meta
-from .device import autocast_dtype, pick_device
+from .device import pick_device, resolved_dtype
 from .errors import read_parsed
 from .runconfig import RunConfig, defaults, layer, load_preset, merge
 from .rundir import write_text_atomic
@@ -357,7 +357,7 @@ def _pin_dtype(base: dict[str, Any], out_dir: Path) -> None:
         device = pick_device(system["device"])
     except ConfigError:
         return  # training says what is wrong with the device
-    system["dtype"] = "bfloat16" if autocast_dtype("auto", device) else "float32"
+    system["dtype"] = resolved_dtype("auto", device)
 
 
 def _resolve_base(path: Path, table: dict[str, Any]) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from tqdm import tqdm
 from . import checkpoint, distributed
 from .config import ModelConfig
 from .data import TokenStream, load_meta
-from .device import autocast_dtype, check_threads, keep_freed_memory, pick_device
+from .device import autocast_dtype, check_threads, keep_freed_memory, pick_device, resolved_dtype
 from .errors import CheckpointError, ConfigError, DivergenceError, first_line
 from .evaluate import load_listops_samples, score_listops
 from .model import LanguageModel, build_model
@@ -216,7 +216,7 @@ class Trainer:
         self.dataset = checkpoint.dataset_record(config.data.dir)
         # The config as run: the model section fully resolved (vocab_size from the data included), and the dtype
         # that 'auto' chose on this machine, so that a resume elsewhere trains in the same precision.
-        system = dataclasses.replace(config.system, dtype="bfloat16" if self.amp_dtype else "float32")
+        system = dataclasses.replace(config.system, dtype=resolved_dtype(config.system.dtype, self.device))
         self.config = config = dataclasses.replace(config, model=model_config, system=system)
 
         distributed.setup(self.dist, self.device)
