@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nrgpt import explicit_attention
+from nrgpt import explicit_attention, layers
 from nrgpt.explicit_attention import block_bounds, explicit_causal_attention
 from nrgpt.layers import causal_attention
 
@@ -79,14 +79,20 @@ def test_dropout_drops_weights_and_its_gradient_matches_the_same_mask(small_bloc
     torch.testing.assert_close(row0[kept], v[..., 0, :][kept])
 
 
-def test_bfloat16_on_a_cpu_goes_through_it_under_autocast_and_as_a_dtype():
+@pytest.mark.parametrize("native", [True, False], ids=["bf16-hardware", "bf16-emulated"])
+def test_bfloat16_on_a_cpu_goes_through_it_under_autocast_and_as_a_dtype_where_the_cpu_multiplies_it(
+        native, monkeypatch):
+    """The explicit form where the CPU multiplies bfloat16 in hardware; elsewhere (emulated bfloat16, where
+    it is 2-3x slower) the flash kernel. Both give the float32 result to bfloat16's rounding."""
+    monkeypatch.setattr(layers, "native_bf16_cpu", lambda: native)
     q, k, v = (x.detach().float().requires_grad_() for x in inputs(2, 2, 80, 16, seed=2))
     exact = causal_attention(q, k, k, strict=True, scale=0.25)
     up = torch.randn_like(exact)
     want = torch.autograd.grad(exact, (q, k), up)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = causal_attention(q, k, k, strict=True, scale=0.25)
-    assert low.dtype == torch.bfloat16 and low.grad_fn.next_functions[0][0].name().startswith("CausalAttention")
+    explicit = low.grad_fn.next_functions[0][0].name().startswith("CausalAttention")
+    assert low.dtype == torch.bfloat16 and explicit == native
     assert (low.float() - exact).norm() <= 0.02 * exact.norm()
     for a, b in zip(torch.autograd.grad(low.float(), (q, k), up), want):
         assert a.dtype == torch.float32 and (a - b).norm() <= 0.05 * b.norm()

@@ -4,7 +4,8 @@
 - ``InferenceRate``: the matrix eta of the update x <- x - eta dE/dg (eq. 6) in its four forms.
 - ``causal_attention``: softmax attention with the strict (B < A) or inclusive (B <= A) causal mask,
   on ``scaled_dot_product_attention`` so the fused kernels are used where they exist, except for
-  bfloat16 / float16 on a CPU, where ``explicit_attention`` is 1.5-4x faster.
+  bfloat16 / float16 on a CPU that multiplies bfloat16 in hardware, where ``explicit_attention`` is 1.5-4x
+  faster (on a CPU that emulates bfloat16 it is 2-3x slower than the flash kernel).
 - ``SelfAttention``, ``MLP``, ``TransformerBlock``: the baselines' nanoGPT-style layers.
 """
 
@@ -18,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .device import native_bf16_cpu
 from .explicit_attention import compute_dtype, explicit_causal_attention
 
 if TYPE_CHECKING:
@@ -148,7 +150,8 @@ def causal_attention(
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
     if tq != tk:
         raise ValueError("prefill with a non-empty cache is not supported; reset the cache")
-    if q.device.type == "cpu" and compute_dtype(q) in _REDUCED:  # CPU flash attention is slow in these
+    if q.device.type == "cpu" and compute_dtype(q) in _REDUCED and native_bf16_cpu():
+        # where the CPU multiplies bfloat16 in hardware, its flash attention is the slower one in these dtypes
         return explicit_causal_attention(q, k, v, strict=strict, scale=scale, dropout=dropout)
     if not strict:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scale)
