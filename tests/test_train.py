@@ -221,7 +221,7 @@ def test_compiled_and_autocast_runs_track_the_plain_run(data_dir, tmp_path, over
 def test_auto_dtype_is_bfloat16_on_a_cpu_that_multiplies_it_in_hardware(data_dir, tmp_path, monkeypatch, capsys,
                                                                          native, dtype, amp):
     """dtype 'auto' trains under bfloat16 autocast on a CPU with AVX512-BF16 or AMX and says so once, in
-    float32 elsewhere; a dtype the user chose is kept either way."""
+    float32 elsewhere; a dtype the user chose is kept either way, with a warning where bfloat16 is emulated."""
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     trainer = Trainer(tiny_config(data_dir, tmp_path / "run", "train.max_iters=1", f"system.dtype={dtype}"))
@@ -230,7 +230,9 @@ def test_auto_dtype_is_bfloat16_on_a_cpu_that_multiplies_it_in_hardware(data_dir
         trainer.run()
     finally:
         trainer.close()
-    assert capsys.readouterr().out.count("bfloat16 autocast") == int(native and dtype == "auto")
+    out = capsys.readouterr().out
+    assert out.count("this CPU multiplies bfloat16 in hardware") == int(native and dtype == "auto")
+    assert out.count("emulates bfloat16") == int(not native and amp is not None)
     assert RunConfig.load(tmp_path / "run" / "config.json").system.dtype == ("bfloat16" if amp else "float32")
 
 

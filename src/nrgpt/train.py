@@ -48,7 +48,7 @@ from tqdm import tqdm
 from . import checkpoint, distributed
 from .config import ModelConfig
 from .data import TokenStream, load_meta
-from .device import autocast_dtype, check_threads, keep_freed_memory, pick_device, resolved_dtype
+from .device import autocast_dtype, check_threads, keep_freed_memory, native_bf16_cpu, pick_device, resolved_dtype
 from .errors import CheckpointError, ConfigError, DivergenceError, first_line
 from .evaluate import load_listops_samples, score_listops
 from .model import LanguageModel, build_model
@@ -190,7 +190,9 @@ class Trainer:
         model_config, _ = check_run(config)
         self.device = pick_device(config.system.device, self.dist.local_rank)
         self.amp_dtype = autocast_dtype(config.system.dtype, self.device)
-        self.chose_cpu_bf16 = config.system.dtype == "auto" and self.device.type == "cpu" and self.amp_dtype is not None
+        cpu_bf16 = self.device.type == "cpu" and self.amp_dtype is not None
+        self.chose_cpu_bf16 = config.system.dtype == "auto" and cpu_bf16
+        self.emulated_bf16 = cpu_bf16 and not native_bf16_cpu()  # asked for, or resumed from a run that chose it
         _require_optional(config)
         check_threads(config.system.threads)
         self.run_dir = Path(config.out_dir)
@@ -489,6 +491,9 @@ class Trainer:
             if self.chose_cpu_bf16:
                 self._print("training under bfloat16 autocast: this CPU multiplies bfloat16 in hardware "
                             "(--dtype float32 for float32 products)")
+            if self.emulated_bf16:
+                self._print("warning: training under bfloat16 autocast on a CPU that emulates bfloat16, several "
+                            "times slower than float32 here (--dtype float32 for float32 products)")
         self.bar = tqdm(total=tc.max_iters, initial=self.start_iter, unit="it", dynamic_ncols=True, mininterval=0.5,
                         disable=self.quiet or not self.config.log.progress)
         it, reason = self.start_iter, None
