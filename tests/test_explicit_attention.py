@@ -82,8 +82,8 @@ def test_dropout_drops_weights_and_its_gradient_matches_the_same_mask(small_bloc
 @pytest.mark.parametrize("native", [True, False], ids=["bf16-hardware", "bf16-emulated"])
 def test_bfloat16_on_a_cpu_goes_through_it_under_autocast_and_as_a_dtype_where_the_cpu_multiplies_it(
         native, monkeypatch):
-    """The explicit form where the CPU multiplies bfloat16 in hardware; elsewhere (emulated bfloat16, where
-    it is 2-3x slower) the flash kernel. Both give the float32 result to bfloat16's rounding."""
+    """The explicit form where the CPU multiplies bfloat16 in hardware; elsewhere (emulated bfloat16, where it
+    is 1.8-2.9x slower) the flash kernel. Both give the float32 result to bfloat16's rounding."""
     monkeypatch.setattr(layers, "native_bf16_cpu", lambda: native)
     q, k, v = (x.detach().float().requires_grad_() for x in inputs(2, 2, 80, 16, seed=2))
     exact = causal_attention(q, k, k, strict=True, scale=0.25)

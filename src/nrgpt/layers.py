@@ -5,7 +5,7 @@
 - ``causal_attention``: softmax attention with the strict (B < A) or inclusive (B <= A) causal mask,
   on ``scaled_dot_product_attention`` so the fused kernels are used where they exist, except for
   bfloat16 / float16 on a CPU that multiplies bfloat16 in hardware, where ``explicit_attention`` is 1.5-4x
-  faster (on a CPU that emulates bfloat16 it is 2-3x slower than the flash kernel).
+  faster (on a CPU that emulates bfloat16 it is 1.8-2.9x slower than the flash kernel).
 - ``SelfAttention``, ``MLP``, ``TransformerBlock``: the baselines' nanoGPT-style layers.
 """
 
