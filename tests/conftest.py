@@ -65,6 +65,11 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def timeless_records(run_dir: Path) -> list[dict]:
+    """``records`` without the fields that depend on the clock: what an exact resume must reproduce."""
+    return [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in records(run_dir)]
+
+
 def train_one_and_two_processes(common: list[str], tmp_path: Path) -> tuple[list[dict], list[dict], str]:
     """``nrgpt train`` with ``common`` arguments in one process at batch 8 and under torchrun in two gloo
     processes at batch 4 each; returns both runs' metrics records and the two-process run's stdout, and

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from nrgpt.model import build_model
 from nrgpt.runconfig import TrainConfig, resolve_config
 from nrgpt.train import steps_sampler, train
 
-from .conftest import REPO, randomize, records, tiny_args, tiny_config, train_one_and_two_processes
+from .conftest import REPO, randomize, timeless_records, tiny_args, tiny_config, train_one_and_two_processes
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -196,10 +195,6 @@ def test_compiled_steps_trace_once_whatever_the_number_of_steps(preset):
 # ------------------------------------------------------------------------------------------ runs
 
 
-def _steps_and_losses(run: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("elapsed", "tokens_per_s")} for r in records(run)]
-
-
 @pytest.mark.parametrize("overrides", [
     ("train.steps_distribution=lognormal", "train.steps_sigma=0.7", "train.backprop_steps=1"),
     ("model.preset=GPT_Rec_parallel", "model.dropout=0.1", "train.steps_distribution=uniform",
@@ -214,7 +209,7 @@ def test_resume_with_random_steps_is_exact(data_dir, tmp_path, overrides):
     train(tiny_config(data_dir, halves, "train.max_iters=6", *common), quiet=True)
     result = train(tiny_config(data_dir, halves, "train.max_iters=12", *common), resume=True, quiet=True)
     assert result["iters"] == 12
-    want, got = _steps_and_losses(straight), _steps_and_losses(halves)
+    want, got = timeless_records(straight), timeless_records(halves)
     assert got == want
     config = tiny_config(data_dir, straight, *common)
     draw = steps_sampler(config.train, config.model_config().n_steps)

@@ -18,8 +18,9 @@ from nrgpt import checkpoint
 from nrgpt.config import ConfigError
 from nrgpt.data import prepare_listops
 from nrgpt.evaluate import listops_accuracy
+from nrgpt.optim import make_optimizer
 from nrgpt.runconfig import RunConfig, TrainConfig, resolve_config
-from nrgpt.train import DivergenceError, Trainer, lr_at, make_optimizer, train
+from nrgpt.train import DivergenceError, Trainer, lr_at, train
 
 from .conftest import REPO, records, run_nrgpt, tiny_args, tiny_config
 

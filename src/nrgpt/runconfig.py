@@ -49,6 +49,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 SCHEDULES = ("cosine", "exponential", "constant")
 STEPS_DISTRIBUTIONS = ("fixed", "lognormal", "uniform")
+OPTIMIZERS = ("adamw", "muon")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -97,7 +98,11 @@ class TrainConfig:
     schedule       'cosine' or 'exponential' decay from lr to min_lr over the steps after warmup, or
                    'constant' (lr throughout, after warmup)
     warmup_iters   linear warmup steps
-    weight_decay   AdamW decay of the parameters with >= 2 dimensions (matrices and embeddings)
+    optimizer      'adamw', or 'muon': Muon (each update orthogonalised by Newton-Schulz, scaled to AdamW's
+                   size; ``nrgpt.optim``) on the hidden matrices, AdamW on the embeddings, the output layer
+                   and every vector; the same lr, schedule and weight decay
+    muon_momentum  Muon's (Nesterov) momentum
+    weight_decay   decoupled decay of the parameters with >= 2 dimensions (matrices and embeddings)
     beta1, beta2   AdamW betas
     grad_clip      clip the global gradient norm to this (0: no clipping)
     eval_interval  evaluate (and checkpoint) every this many steps, and at the end
@@ -132,6 +137,8 @@ class TrainConfig:
     min_lr: float = 1e-4
     schedule: str = "cosine"
     warmup_iters: int = 100
+    optimizer: str = "adamw"
+    muon_momentum: float = 0.95
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -156,7 +163,8 @@ class TrainConfig:
         _choice("train", self, "schedule", SCHEDULES)
         _require(self.schedule != "exponential" or self.min_lr > 0, "train.min_lr", self.min_lr,
                  "must be > 0 for the exponential schedule")
-        for name in ("beta1", "beta2"):
+        _choice("train", self, "optimizer", OPTIMIZERS)
+        for name in ("beta1", "beta2", "muon_momentum"):
             value = getattr(self, name)
             _require(0 <= value < 1, f"train.{name}", value, "must be in [0, 1)")
         _choice("train", self, "steps_distribution", STEPS_DISTRIBUTIONS)
@@ -475,7 +483,7 @@ SHORTCUTS = {
     "--out-dir": "out_dir", "--data-dir": "data.dir", "--max-iters": "train.max_iters",
     "--max-minutes": "train.max_minutes", "--batch-size": "train.batch_size", "--lr": "train.lr",
     "--seed": "train.seed", "--eval-interval": "train.eval_interval", "--device": "system.device",
-    "--dtype": "system.dtype",
+    "--dtype": "system.dtype", "--optimizer": "train.optimizer",
 }
 FLAGS = {
     "--compile": "system.compile=true", "--tensorboard": "log.tensorboard=true", "--wandb": "log.wandb=true",

@@ -1,10 +1,11 @@
 """Training: nanoGPT's loop for NRGPT and its baselines, from a laptop CPU to ``torchrun`` on GPUs.
 
 One optimizer step (``Trainer.step``) draws ``grad_accum`` micro-batches, accumulates gradients (DDP
-synchronises them on the last micro-step only), clips the global norm and applies AdamW with decay on
-the matrices and embeddings only; the learning rate follows a linear warmup then a cosine, exponential
-or constant schedule (``lr_at``). The loop touches host values only at log steps (``log.interval``):
-the loss, a non-finite flag and, under DDP, the stop flags are gathered there in one reduction.
+synchronises them on the last micro-step only), clips the global norm and applies the optimizer
+(``nrgpt.optim``: AdamW, or Muon on the hidden matrices with AdamW on the rest); the learning rate
+follows a linear warmup then a cosine, exponential or constant schedule (``lr_at``). The loop touches
+host values only at log steps (``log.interval``): the loss, a non-finite flag and, under DDP, the stop
+flags are gathered there in one reduction.
 
 Every ``eval_interval`` steps and at the end the model is evaluated on fixed batches of both splits
 (drawn once, from a constant seed, so every run on the same data and shapes sees the same ones), and
@@ -52,6 +53,7 @@ from .device import autocast_dtype, check_threads, keep_freed_memory, native_bf1
 from .errors import CheckpointError, ConfigError, DivergenceError, first_line
 from .evaluate import load_listops_samples, score_listops
 from .model import LanguageModel, build_model
+from .optim import make_optimizer
 from .runconfig import RunConfig, TrainConfig, add_arguments, resolve_config
 from .rundir import RUN_FILES, MetricsLog, RunLock, clear_run
 
@@ -108,20 +110,6 @@ def steps_sampler(tc: TrainConfig, n_steps: int) -> Callable[[int], int]:
         return int(np.random.default_rng([seed, it]).integers(low, high, endpoint=True))
 
     return {"fixed": fixed, "lognormal": lognormal, "uniform": uniform}[tc.steps_distribution]
-
-
-def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on parameters of >= 2 dimensions (matrices, embeddings) and none on the
-    others (biases, norms, scalars such as alpha, ff_scale, log_c); the fused kernel on CUDA and on CPUs (on a
-    CPU one pass over all parameters: 0.2 against 1.1 ms per step at the quickstart's 124k parameters, 0.8
-    against 10.6 ms at 1.7M)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=tc.lr, betas=(tc.beta1, tc.beta2),
-                             fused=device.type in ("cuda", "cpu") or None)
 
 
 def check_run(config: RunConfig) -> tuple[ModelConfig, dict[str, Any]]:
