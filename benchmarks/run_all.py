@@ -36,6 +36,7 @@ SCRIPTS = {  # script (and its own arguments) -> result JSON name
     "bench_native.py": "native_step",
     "bench_attention.py": "attention",
     "bench_precision.py": "precision",
+    "bench_optim.py": "optimizer",
     "bench_listops.py": "listops_eval",
     "bench_reference.py": "reference",
 }
