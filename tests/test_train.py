@@ -20,7 +20,7 @@ from nrgpt.data import prepare_listops
 from nrgpt.evaluate import listops_accuracy
 from nrgpt.optim import make_optimizer
 from nrgpt.runconfig import RunConfig, TrainConfig, resolve_config
-from nrgpt.train import DivergenceError, Trainer, lr_at, train
+from nrgpt.train import DivergenceError, Trainer, expected_iters, lr_at, train
 
 from .conftest import REPO, records, run_nrgpt, tiny_args, tiny_config
 
@@ -46,6 +46,16 @@ def test_lr_schedule_follows_a_time_budget():
     assert lr_at(50, tc, elapsed=6.0) == pytest.approx(0.5)  # half the steps, a tenth of the budget
     assert lr_at(10, tc, elapsed=120.0) == pytest.approx(0.0) and lr_at(10, tc, elapsed=500.0) == 0.0
     assert lr_at(50, TrainConfig(lr=1.0, min_lr=0.0, warmup_iters=0, max_iters=100), elapsed=1e9) == pytest.approx(0.5)
+
+
+def test_a_time_budget_sets_where_the_progress_bar_ends():
+    """The bar's total: max_iters without a budget; with one, the iterations the rest of it holds at the rate so
+    far (100 + 30 s x 5 it/s = 250), never beyond max_iters, and no more once the budget is spent."""
+    budget = TrainConfig(max_iters=1000, max_minutes=1.0)
+    assert expected_iters(TrainConfig(max_iters=1000), 100, rate=5.0, elapsed=30.0) == 1000
+    assert expected_iters(budget, 100, rate=5.0, elapsed=30.0) == 250
+    assert expected_iters(budget, 100, rate=50.0, elapsed=30.0) == 1000
+    assert expected_iters(budget, 100, rate=5.0, elapsed=75.0) == 100
 
 
 def test_weight_decay_only_on_matrices():

@@ -83,6 +83,14 @@ def lr_at(it: int, tc: TrainConfig, elapsed: float = 0.0) -> float:
     return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
 
 
+def expected_iters(tc: TrainConfig, it: int, rate: float, elapsed: float) -> int:
+    """Where the run will stop (the progress bar's total): ``max_iters``, or sooner where the time budget
+    runs out first at ``rate`` iterations a second from iteration ``it``, ``elapsed`` seconds into the run."""
+    if tc.max_minutes <= 0:
+        return tc.max_iters
+    return min(tc.max_iters, it + math.ceil(max(0.0, 60 * tc.max_minutes - elapsed) * rate))
+
+
 def steps_sampler(tc: TrainConfig, n_steps: int) -> Callable[[int], int]:
     """The number of recurrent steps S of each iteration, as a function of the iteration ``it``; chosen once,
     when training starts (``train.steps_distribution``, see ``TrainConfig``):
@@ -451,6 +459,8 @@ class Trainer:
                 record["steps"] = self.steps
             self.log.write(record)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            rate = (it + 1 - self.start_iter) / max(now - self.t0, 1e-9)
+            self.bar.total = expected_iters(tc, it + 1, rate, self.elapsed())
         return "max_minutes" if over_time else "signal" if signalled else None
 
     def _print(self, message: str) -> None:
