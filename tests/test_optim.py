@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nrgpt import ModelConfig, build_model, checkpoint
-from nrgpt.errors import ConfigError
+from nrgpt.errors import CheckpointError, ConfigError
 from nrgpt.optim import NS_COEFFICIENTS, NS_STEPS, MuonAdamW, hidden_matrices, make_optimizer, orthogonalize
 from nrgpt.runconfig import TrainConfig, resolve_config
 from nrgpt.train import train
@@ -111,3 +111,13 @@ def test_a_muon_run_learns_and_resumes_exactly(data_dir, tmp_path):
     assert evals[-1] < evals[0] - 0.3
     a, b = checkpoint.load_weights(straight / "last"), checkpoint.load_weights(halves / "last")
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_resuming_with_the_other_optimizer_is_one_clear_error_and_keeps_the_run(data_dir, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(data_dir, run, "train.max_iters=2"), quiet=True)
+    before = checkpoint.load_weights(run / "last")
+    with pytest.raises(CheckpointError, match="'adamw', this run has 'muon': resume with --optimizer adamw"):
+        train(tiny_config(data_dir, run, "train.max_iters=4", "train.optimizer=muon"), resume=True, quiet=True)
+    after = checkpoint.load_weights(run / "last")
+    assert checkpoint.read_info(run / "last")["iter"] == 2 and all(torch.equal(before[n], after[n]) for n in before)

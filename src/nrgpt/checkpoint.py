@@ -167,10 +167,19 @@ def check_resume_state(state: Any, path: Path) -> dict[str, Any]:
     return state
 
 
-def check_optimizer_state(state: dict[str, Any], params: list[torch.nn.Parameter], where: Path) -> None:
-    """Every AdamW moment in a saved optimizer state has the shape of its parameter (``params`` in the
-    optimizer's order: its groups' parameters one after another); CheckpointError otherwise (torch would only
-    fail at the first step after the resume)."""
+def check_optimizer_state(state: dict[str, Any], groups: list[dict[str, Any]], where: Path) -> None:
+    """A saved optimizer state fits the optimizer of ``groups`` (its param_groups): the same optimizer
+    (``train.optimizer``: Muon's groups are marked ``muon``), and every tensor of the state (AdamW's moments,
+    Muon's momentum) but the step counts has the shape of its parameter (the groups' parameters one after
+    another). CheckpointError otherwise (torch would fail at the first step after the resume, or not at all)."""
+    def optimizer(gs: list[dict[str, Any]]) -> str:
+        return "muon" if any(isinstance(g, dict) and g.get("muon", False) for g in gs) else "adamw"
+
+    written, ours = optimizer(state["optimizer"]["param_groups"]), optimizer(groups)
+    if written != ours:
+        raise CheckpointError(f"{where} was written with train.optimizer = '{written}', this run has '{ours}': resume "
+                              f"with --optimizer {written}, or start over with --overwrite")
+    params = [p for group in groups for p in group["params"]]
     saved = state["optimizer"]["state"]
     for index, param in enumerate(params):
         for name, value in saved.get(index, {}).items():

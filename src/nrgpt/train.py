@@ -293,8 +293,7 @@ class Trainer:
     def _restore(self, ckpt: Path) -> None:
         state = checkpoint.check_resume_state(checkpoint.load_state(ckpt), ckpt / checkpoint.STATE)
         checkpoint.load_matching(self.raw_model, checkpoint.load_weights(ckpt), ckpt / checkpoint.WEIGHTS)
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]  # the state's numbering
-        checkpoint.check_optimizer_state(state, params, ckpt / checkpoint.STATE)
+        checkpoint.check_optimizer_state(state, self.optimizer.param_groups, ckpt / checkpoint.STATE)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.data_gen.set_state(state["data_rng"])
