@@ -2,8 +2,11 @@
 
 For each model (NRGPT presets and the baselines), on the device:
   * exactness: the closed-form ``energy_grad`` against autograd of ``energy`` in float64 (NRGPT only);
-  * no host synchronisation in a training step: forward, loss, backward and the fused AdamW step run
-    under ``torch.cuda.set_sync_debug_mode("error")``, which raises on any device-to-host sync;
+  * no host synchronisation in a training step: forward, loss, backward and the fused AdamW step (and
+    nrgpt's Muon, ``train.optimizer = 'muon'``) run under ``torch.cuda.set_sync_debug_mode("error")``, which
+    raises on any device-to-host sync;
+  * Muon's Newton-Schulz iteration, which runs in bfloat16 on a GPU: its update against float32's on the
+    largest hidden matrix's gradient (relative difference; ~0.027 on a CPU for random matrices);
   * bf16 autocast: the loss under autocast against float32 (relative difference), the parameters'
     gradients stay float32;
   * ``compile_steps()`` (inductor/Triton on a GPU): logits and gradients against eager;
@@ -15,6 +18,9 @@ from __future__ import annotations
 
 import torch
 from common import batch, build, finish, parser, setup, table, target
+
+from nrgpt.optim import hidden_matrices, make_optimizer, orthogonalize
+from nrgpt.runconfig import TrainConfig
 
 PRESETS = ("NRGPT_H_FF2W", "NRGPT_H_FF1", "NRGPT_H_FF2", "NRGPT_P_FF2W", "GPT_Rec_parallel", "GPT_Rec", "GPT")
 SHAPE = dict(n_embd=128, n_head=2, n_steps=4, block_size=64, vocab_size=65)
@@ -32,10 +38,11 @@ def loss_and_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp
     return logits.detach(), loss.detach(), [p.grad.detach().clone() for p in model.parameters()]
 
 
-def sync_free_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> str:
-    """'yes' if forward + backward + fused AdamW step ran without a device-to-host sync, else the error."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=x.is_cuda or None)
-    for _ in range(2):  # the first step allocates AdamW's state
+def sync_free_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: str = "adamw") -> str:
+    """'yes' if forward + backward + the optimizer's step (``nrgpt train``'s: fused AdamW, or Muon with it) ran
+    without a device-to-host sync, else the error."""
+    opt = make_optimizer(model, TrainConfig(optimizer=optimizer, lr=1e-4), x.device)
+    for _ in range(2):  # the first step allocates the optimizer's state
         opt.zero_grad(set_to_none=True)
         if x.is_cuda:
             torch.cuda.synchronize()
@@ -61,7 +68,10 @@ def check(preset: str, device: torch.device) -> dict:
         g = torch.randn(2, 32, SHAPE["n_embd"], dtype=torch.float64, device=device)
         r["energy_grad_rel_err_f64"] = rel(m64.block.energy_grad(g), m64.block.energy_grad_autograd(g))
     r["sync_free_train_step"] = sync_free_step(build(preset, **SHAPE).train(), x, y)
+    r["sync_free_muon_step"] = sync_free_step(build(preset, **SHAPE).train(), x, y, "muon")
     _, l32, g32 = loss_and_grads(model, x, y)
+    largest = max(hidden_matrices(model), key=lambda p: p.numel())
+    r["muon_bf16_rel_err"] = rel(orthogonalize(largest.grad.bfloat16()), orthogonalize(largest.grad.float()))
     _, lbf, gbf = loss_and_grads(model, x, y, amp=torch.bfloat16)
     r["bf16_loss_rel_diff"] = abs(lbf.item() - l32.item()) / abs(l32.item())
     r["bf16_grads_float32"] = all(g.dtype == torch.float32 for g in gbf)
@@ -94,10 +104,12 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = False  # float32 comparisons at float32 precision
         torch.backends.cudnn.allow_tf32 = False
     results = [check(preset, DEVICE) for preset in args.presets]
-    cols = ["energy_grad_rel_err_f64", "sync_free_train_step", "bf16_loss_rel_diff", "bf16_grads_float32",
+    cols = ["energy_grad_rel_err_f64", "sync_free_train_step", "sync_free_muon_step", "muon_bf16_rel_err",
+            "bf16_loss_rel_diff", "bf16_grads_float32",
             "bf16_grad_rel_err", "compiled_logits_rel_err", "compiled_grads_rel_err", "cached_greedy_identical"]
     rows = [[r["preset"], *(r.get(c) for c in cols)] for r in results]
-    tab = table(["model", "energy_grad vs autograd (f64)", "train step sync-free", "bf16 loss rel diff",
+    tab = table(["model", "energy_grad vs autograd (f64)", "train step sync-free", "Muon step sync-free",
+                 "Muon bf16 update rel err", "bf16 loss rel diff",
                  "bf16 grads f32", "bf16 grad rel err", "compiled logits rel err", "compiled grads rel err",
                  "cached greedy identical"], rows,
                 f"GPU readiness on {DEVICE} (torch {torch.__version__}), shape {SHAPE}, batch 4")
@@ -105,6 +117,9 @@ def main() -> None:
     targets = [
         target("energy_grad vs autograd, float64, worst relative error", worst("energy_grad_rel_err_f64"), "<=", 1e-9),
         target("training steps with a host sync", sum(r["sync_free_train_step"] != "yes" for r in results), "<=", 0),
+        target("Muon training steps with a host sync", sum(r["sync_free_muon_step"] != "yes" for r in results),
+               "<=", 0),
+        target("Muon's bfloat16 update, worst relative difference to float32", worst("muon_bf16_rel_err"), "<=", 5e-2),
         target("bf16 autocast loss, worst relative difference to float32", worst("bf16_loss_rel_diff"), "<=", 2e-2),
         target("compiled logits, worst relative error to eager", worst("compiled_logits_rel_err"), "<=", 1e-4),
         target("cached greedy decoding differs from full", sum(not r["cached_greedy_identical"] for r in results),
