@@ -60,7 +60,7 @@ def test_muon_adamw_steps_are_equation_m_and_adamw_by_hand():
              for _ in range(2)]
     lr, wd, mu = 0.02, 0.1, 0.9
     w, b, b_ref = (torch.nn.Parameter(t.clone()) for t in (w0, b0, b0))
-    opt = MuonAdamW([{"params": [w], "weight_decay": wd, "muon": True, "momentum": mu, "nesterov": True},
+    opt = MuonAdamW([{"params": [w], "weight_decay": wd, "muon": True, "momentum": mu},
                      {"params": [b], "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.99))
     ref = torch.optim.AdamW([b_ref], lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     want, buf = w0.clone(), torch.zeros_like(w0)

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from .data import load_meta
 from .errors import CheckpointError, ConfigError, DataError, first_line, read_parsed
 from .model import LanguageModel, build_model, rename_legacy_weights
+from .optim import optimizer_name
 from .runconfig import RunConfig
 
 WEIGHTS, INFO, STATE = "model.safetensors", "checkpoint.json", "state.pt"
@@ -172,10 +173,7 @@ def check_optimizer_state(state: dict[str, Any], groups: list[dict[str, Any]], w
     (``train.optimizer``: Muon's groups are marked ``muon``), and every tensor of the state (AdamW's moments,
     Muon's momentum) but the step counts has the shape of its parameter (the groups' parameters one after
     another). CheckpointError otherwise (torch would fail at the first step after the resume, or not at all)."""
-    def optimizer(gs: list[dict[str, Any]]) -> str:
-        return "muon" if any(isinstance(g, dict) and g.get("muon", False) for g in gs) else "adamw"
-
-    written, ours = optimizer(state["optimizer"]["param_groups"]), optimizer(groups)
+    written, ours = optimizer_name(state["optimizer"]["param_groups"]), optimizer_name(groups)
     if written != ours:
         raise CheckpointError(f"{where} was written with train.optimizer = '{written}', this run has '{ours}': resume "
                               f"with --optimizer {written}, or start over with --overwrite")
