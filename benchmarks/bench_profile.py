@@ -5,11 +5,20 @@ and GPT_Rec_parallel at the same shape for comparison. Two warm-up steps, then `
 profiled steps with ``torch.profiler`` (CPU activity); times are per step. The ops are also
 grouped: matmuls (mm/addmm/bmm/matmul), fused attention (flash attention forward/backward), and
 everything else.
+
+``--shapes``: each matmul shape of the step, its rate inside the step (GFLOP per self CPU second, from the
+profiler's shapes) against the same product alone (fresh contiguous operands, best of ``--reps``
+interleaved calls), and the step's matmul time if every product ran at its rate alone. The profiler
+does not record strides, so a product that the step takes on transposed operands is timed alone on
+contiguous ones.
 """
 
 from __future__ import annotations
 
-from common import PAPER_BATCH, PAPER_SHAPE, batch, build, finish, parser, setup, table, train_step
+import math
+
+import torch
+from common import DEVICE, PAPER_BATCH, PAPER_SHAPE, batch, build, finish, interleave, parser, setup, table, train_step
 from torch.profiler import ProfilerActivity, profile
 
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
@@ -26,12 +35,68 @@ def group(name: str) -> str:
     return "other"
 
 
-def profile_step(preset: str, shape: dict, bsz: int, steps: int, top: int) -> tuple[dict, str]:
+def product_dims(name: str, shapes: list) -> tuple[int, int, int, int] | None:
+    """(batch, m, k, n) of a matmul event from its input shapes, or None for an op that is not one."""
+    if name in ("aten::mm",) and len(shapes) >= 2:
+        (m, k), (_, n) = shapes[0], shapes[1]
+        return 1, m, k, n
+    if name in ("aten::addmm", "aten::addmm_") and len(shapes) >= 3:
+        (m, k), (_, n) = shapes[1], shapes[2]
+        return 1, m, k, n
+    if name == "aten::bmm" and len(shapes) >= 2:
+        (b, m, k), (_, _, n) = shapes[0], shapes[1]
+        return b, m, k, n
+    if name == "aten::baddbmm" and len(shapes) >= 3:
+        (b, m, k), (_, _, n) = shapes[1], shapes[2]
+        return b, m, k, n
+    return None
+
+
+def shape_rates(prof: profile, steps: int, reps: int) -> tuple[list[dict], str]:
+    """Each matmul shape's rate in the step against the same product alone (see the module docstring)."""
+    per_shape: dict[tuple[int, int, int, int], list[float]] = {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        dims = product_dims(e.key, e.input_shapes)
+        if dims is None or e.self_cpu_time_total <= 0:
+            continue
+        calls, us = per_shape.setdefault(dims, [0.0, 0.0])
+        per_shape[dims] = [calls + e.count / steps, us + e.self_cpu_time_total / steps]
+    alone = {}
+    for b, m, k, n in per_shape:
+        a1, a2 = torch.randn(b, m, k, device=DEVICE), torch.randn(b, k, n, device=DEVICE)
+        out = torch.empty(b, m, n, device=DEVICE)
+        if b == 1:
+            a1, a2, out = a1[0], a2[0], out[0]
+        mul = torch.mm if b == 1 else torch.bmm
+        alone[(b, m, k, n)] = lambda a1=a1, a2=a2, out=out, mul=mul: mul(a1, a2, out=out)
+    times = interleave({str(d): fn for d, fn in alone.items()}, reps)
+    rows, results, in_step_ms, at_alone_ms = [], [], 0.0, 0.0
+    for dims, (calls, us) in sorted(per_shape.items(), key=lambda kv: -kv[1][1]):
+        flop = 2 * math.prod(dims) * calls
+        step_rate = flop / (us * 1e3)
+        alone_s = min(times[str(dims)])
+        alone_rate = 2 * math.prod(dims) / alone_s / 1e9
+        in_step_ms += us / 1e3
+        at_alone_ms += calls * alone_s * 1e3
+        results.append({"b_m_k_n": dims, "calls_per_step": calls, "ms_per_step": us / 1e3,
+                        "gflops_in_step": step_rate, "gflops_alone": alone_rate})
+        rows.append(["x".join(map(str, dims)), calls, us / 1e3, step_rate, alone_rate, step_rate / alone_rate])
+    rows.append(["all products", sum(c for c, _ in per_shape.values()), in_step_ms, None, None,
+                 at_alone_ms / in_step_ms])
+    tab = table(["b x m x k x n", "calls/step", "ms/step in the step", "GFLOP/s in the step", "GFLOP/s alone",
+                 "in step / alone"], rows,
+                f"matmul shapes: in the step against alone (best of {reps}); at their rates alone the products "
+                f"would take {at_alone_ms:.0f} of their {in_step_ms:.0f} ms/step")
+    return results, tab
+
+
+def profile_step(preset: str, shape: dict, bsz: int, steps: int, top: int,
+                 shape_reps: int = 0) -> tuple[dict, str]:
     x, y = batch(shape["vocab_size"], bsz, shape["block_size"])
     step = train_step(build(preset, **shape), x, y)
     step()
     step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=shape_reps > 0) as prof:
         for _ in range(steps):
             step()
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
@@ -49,8 +114,13 @@ def profile_step(preset: str, shape: dict, bsz: int, steps: int, top: int) -> tu
     tab = table(["op", "self CPU (ms/step)", "% of total", "calls/step"], rows, title)
     grows = [[g, v / 1e3 / steps, 100 * v / total] for g, v in sorted(groups.items(), key=lambda kv: -kv[1])]
     gtab = table(["group", "self CPU (ms/step)", "% of total"], grows, f"{preset}: grouped")
-    return {"preset": preset, "total_self_cpu_ms_per_step": total / 1e3 / steps, "ops": ops[:50],
-            "groups_ms_per_step": {g: v / 1e3 / steps for g, v in groups.items()}}, tab + "\n\n" + gtab
+    result = {"preset": preset, "total_self_cpu_ms_per_step": total / 1e3 / steps, "ops": ops[:50],
+              "groups_ms_per_step": {g: v / 1e3 / steps for g, v in groups.items()}}
+    text = tab + "\n\n" + gtab
+    if shape_reps > 0:
+        result["matmul_shapes"], stab = shape_rates(prof, steps, shape_reps)
+        text += "\n\n" + stab
+    return result, text
 
 
 def main() -> None:
@@ -58,13 +128,16 @@ def main() -> None:
     p.add_argument("--presets", nargs="+", default=None, help="default NRGPT_H_FF2W GPT_Rec_parallel")
     p.add_argument("--steps", type=int, default=None, help="profiled steps (default 2; quick 1)")
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--shapes", action="store_true",
+                   help="also each matmul shape's rate in the step against the same product alone")
     args = p.parse_args()
     setup(args)
     presets = args.presets or (["NRGPT_H_FF2W"] if args.quick else ["NRGPT_H_FF2W", "GPT_Rec_parallel"])
     steps = args.steps or (1 if args.quick else 2)
     results, tabs = [], []
     for preset in presets:
-        r, tab = profile_step(preset, dict(PAPER_SHAPE), PAPER_BATCH, steps, args.top)
+        r, tab = profile_step(preset, dict(PAPER_SHAPE), PAPER_BATCH, steps, args.top,
+                              shape_reps=(args.reps or 9) if args.shapes else 0)
         results.append(r)
         tabs.append(tab)
     finish("profile", args, {"profiles": results}, tabs)
