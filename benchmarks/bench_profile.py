@@ -37,7 +37,7 @@ def group(name: str) -> str:
 
 def product_dims(name: str, shapes: list) -> tuple[int, int, int, int] | None:
     """(batch, m, k, n) of a matmul event from its input shapes, or None for an op that is not one."""
-    if name in ("aten::mm",) and len(shapes) >= 2:
+    if name == "aten::mm" and len(shapes) >= 2:
         (m, k), (_, n) = shapes[0], shapes[1]
         return 1, m, k, n
     if name in ("aten::addmm", "aten::addmm_") and len(shapes) >= 3:
