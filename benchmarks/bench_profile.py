@@ -59,8 +59,9 @@ def shape_rates(prof: profile, steps: int, reps: int) -> tuple[list[dict], str]:
         dims = product_dims(e.key, e.input_shapes)
         if dims is None or e.self_cpu_time_total <= 0:
             continue
-        calls, us = per_shape.setdefault(dims, [0.0, 0.0])
-        per_shape[dims] = [calls + e.count / steps, us + e.self_cpu_time_total / steps]
+        acc = per_shape.setdefault(dims, [0.0, 0.0])
+        acc[0] += e.count / steps
+        acc[1] += e.self_cpu_time_total / steps
     alone = {}
     for b, m, k, n in per_shape:
         a1, a2 = torch.randn(b, m, k, device=DEVICE), torch.randn(b, k, n, device=DEVICE)
